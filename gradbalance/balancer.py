@@ -1,0 +1,734 @@
+"""`GradBalancer`: the ``torch.optim`` wrapper users hold.
+
+It validates the inputs, asks the engine for what the method needs (losses only, a Gramian of
+the task gradients, ...), asks the method for one weight per task, writes the combined gradient
+into ``.grad`` and, on :meth:`GradBalancer.step`, steps the inner optimizer and then commits the
+method's own state update.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from gradbalance import _inputs
+from gradbalance import engine as _engine
+from gradbalance.errors import (
+    LossError,
+    NonFiniteError,
+    SolverError,
+    UnreachedParameterError,
+)
+from gradbalance.methods import FEATURES, KPIS, LAST_SHARED_GRAMIAN, Method, StepInputs
+from gradbalance.methods import registry as _registry
+
+__all__ = ["GradBalancer"]
+
+logger = logging.getLogger(__name__)
+
+_NONFINITE_POLICIES = ("raise", "skip")
+_STATE_FORMAT = 1
+
+
+def _describe(t: Tensor, index: int, kind: str) -> str:
+    return f"{kind} parameter #{index} (shape {tuple(t.shape)})"
+
+
+class GradBalancer(Optimizer):
+    """Wrap any ``torch.optim`` optimizer so that one step balances several task losses.
+
+    The balancer *is* a :class:`torch.optim.Optimizer`: it shares ``param_groups``, ``state``
+    and ``defaults`` with the inner optimizer, so learning-rate schedulers, gradient clipping,
+    ``torch.amp.GradScaler`` and checkpointing work as with the inner optimizer alone.
+
+    A step is ``zero_grad()`` → ``backward(losses)`` → ``step()``. :meth:`backward` writes into
+    ``.grad``:
+
+    * for a *gradient method* (MGDA, ...): ``Jᵀw`` on the shared parameters, where ``J`` holds
+      the per-task gradients and ``w`` the method's weights, and each task-specific parameter's
+      own (unweighted) task gradient, as in Sener & Koltun (2018);
+    * for a *loss weighting* (equal, uncertainty, DWA, ...): the gradient of ``Σ_i w_i L_i``
+      through the whole model, as the papers of those methods do.
+
+    Args:
+        optimizer: the inner optimizer, built on all the model's parameters.
+        method: a registered method name (``"equal"``, ``"mgda"``, ...; see
+            :func:`gradbalance.methods.available`) or a :class:`~gradbalance.methods.Method`.
+        shared: the shared parameters (or a module holding them). Required by gradient methods;
+            every shared parameter must be in the inner optimizer.
+        tasks: the task names, in order. Optional: by default the first :meth:`backward` call
+            declares them (dict keys, or ``task0, task1, ...`` for a list).
+        engine: how per-task gradients are computed: ``"auto"`` (batched where vmap works, else
+            loop), ``"loop"``, ``"batched"`` or ``"representation"`` (gradients w.r.t. the
+            ``features=`` passed to :meth:`backward`; forced for methods that require features).
+        nonfinite: ``"raise"`` (default) raises :class:`~gradbalance.NonFiniteError` naming
+            the task when a loss or gradient is NaN/inf; ``"skip"`` leaves ``.grad`` untouched,
+            turns the next :meth:`step` into a no-op and counts the step in
+            :attr:`skipped_steps`.
+        last_shared: the parameters of the last shared layer (GradNorm's ``W``). Default: the
+            last shared tensor, with the one before it when the last one is a bias (1-D).
+        **method_kwargs: options of the method when ``method`` is a name.
+
+    Examples:
+        >>> import torch, gradbalance as gb
+        >>> trunk = torch.nn.Linear(4, 8)
+        >>> heads = torch.nn.ModuleDict({"a": torch.nn.Linear(8, 1), "b": torch.nn.Linear(8, 1)})
+        >>> params = [*trunk.parameters(), *heads.parameters()]
+        >>> opt = gb.GradBalancer(torch.optim.SGD(params, lr=0.1), method="equal", shared=trunk)
+        >>> z = trunk(torch.randn(16, 4))
+        >>> opt.zero_grad()
+        >>> opt.backward({"a": heads["a"](z).pow(2).mean(), "b": heads["b"](z).abs().mean()})
+        tensor([1., 1.])
+        >>> opt.step()
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        method: str | Method = "equal",
+        shared: Iterable[Tensor] | nn.Module | None = None,
+        *,
+        tasks: Iterable[str] | None = None,
+        engine: str = "auto",
+        nonfinite: str = "raise",
+        last_shared: Iterable[Tensor] | nn.Module | None = None,
+        **method_kwargs: Any,
+    ) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        if isinstance(optimizer, GradBalancer):
+            raise TypeError("optimizer is already a GradBalancer; wrap the inner optimizer once")
+        if engine not in _engine.STRATEGIES:
+            raise ValueError(f"engine must be one of {_engine.STRATEGIES}, got {engine!r}")
+        if nonfinite not in _NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {_NONFINITE_POLICIES}, got {nonfinite!r}")
+        method_obj = self._build_method(method, method_kwargs)
+
+        self._initialized = False
+        self.optimizer = optimizer
+        super().__init__(optimizer.param_groups, optimizer.defaults)
+        self._initialized = True
+
+        self.method = method_obj
+        self.nonfinite = nonfinite
+        self._engine_request = engine
+        self._strategy = self._initial_strategy(engine, method_obj)
+        self._shared = self._resolve_params(shared, "shared")
+        self._last_shared = self._resolve_last_shared(last_shared)
+        if method_obj.is_gradient_method() and not self._shared:
+            raise ValueError(
+                f"method {method_obj.name!r} balances the gradients of the shared "
+                "parameters: pass shared=model.shared_parameters() (or the trunk module)"
+            )
+        if LAST_SHARED_GRAMIAN in method_obj.requires and not self._last_shared:
+            raise ValueError(
+                f"method {method_obj.name!r} needs the last shared layer: pass shared=... "
+                "(its last layer is used) or last_shared=model.last_shared_layer"
+            )
+        self._tasks: tuple[str, ...] | None = None
+        self._steps = 0
+        self._skipped = 0
+        self._pending: list[tuple[StepInputs, Tensor]] = []
+        self._skip_next_step = False
+        self._last_weights: Tensor | None = None
+        self._last_losses: Tensor | None = None
+        self._last_gramian: Tensor | None = None
+        if tasks is not None:
+            self._bind(_inputs.validate_task_names(list(tasks)))
+        elif method_obj.is_bound:
+            self._bind(method_obj.tasks)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ construction helpers
+    @staticmethod
+    def _build_method(method: str | Method, kwargs: Mapping[str, Any]) -> Method:
+        if isinstance(method, Method):
+            if kwargs:
+                raise TypeError(
+                    f"got method options {sorted(kwargs)} together with a Method instance; "
+                    "pass them to the method's constructor instead"
+                )
+            return method
+        if isinstance(method, str):
+            return _registry.get(method, **kwargs)
+        raise TypeError(
+            f"method must be a registered name or a gradbalance.methods.Method, got {method!r}"
+        )
+
+    @staticmethod
+    def _initial_strategy(engine_name: str, method: Method) -> str:
+        if FEATURES in method.requires:
+            if engine_name not in ("auto", "representation"):
+                raise ValueError(
+                    f"method {method.name!r} works on the shared features and needs "
+                    f"engine='representation' (or 'auto'), got engine={engine_name!r}"
+                )
+            return "representation"
+        if engine_name == "representation" and not method.is_gradient_method():
+            raise ValueError(
+                f"engine='representation' computes a Gramian of feature gradients, but method "
+                f"{method.name!r} is a loss weighting that needs no Gramian; drop the engine "
+                "argument"
+            )
+        return engine_name
+
+    def _optimizer_params(self) -> list[Tensor]:
+        seen: set[int] = set()
+        out = []
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    def _resolve_params(
+        self, params: Iterable[Tensor] | nn.Module | None, what: str
+    ) -> list[Tensor]:
+        if params is None:
+            return []
+        if isinstance(params, Tensor):
+            items = [params]
+        elif isinstance(params, nn.Module):
+            items = list(params.parameters())
+        else:
+            items = list(params)
+        in_optimizer = {id(p) for p in self._optimizer_params()}
+        seen: set[int] = set()
+        out = []
+        for i, p in enumerate(items):
+            if not isinstance(p, Tensor):
+                raise TypeError(f"{what}[{i}] is a {type(p).__name__}, not a tensor")
+            if id(p) in seen or not p.requires_grad:
+                continue
+            if id(p) not in in_optimizer:
+                raise ValueError(
+                    f"{what} parameter #{i} (shape {tuple(p.shape)}) is not in the inner "
+                    "optimizer; build the optimizer on all the model's parameters"
+                )
+            seen.add(id(p))
+            out.append(p)
+        return out
+
+    def _resolve_last_shared(
+        self, last_shared: Iterable[Tensor] | nn.Module | None
+    ) -> list[Tensor]:
+        if last_shared is not None:
+            return self._resolve_params(last_shared, "last_shared")
+        if not self._shared:
+            return []
+        if self._shared[-1].dim() <= 1 and len(self._shared) > 1:
+            return self._shared[-2:]
+        return self._shared[-1:]
+
+    def _bind(self, tasks: tuple[str, ...]) -> None:
+        self.method.bind(tasks)
+        self._tasks = tasks
+        params = [p for p in self.method.parameters() if p.requires_grad]
+        if params and not any(
+            any(p is q for q in group["params"] for p in params)
+            for group in self.optimizer.param_groups
+        ):
+            options = {
+                k: v
+                for k, v in self.method.param_group_options().items()
+                if k in self.optimizer.defaults
+            }
+            self.optimizer.add_param_group({"params": params, **options})
+
+    # ------------------------------------------------------------------ shared Optimizer state
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        if getattr(self, "_initialized", False):
+            self.optimizer.param_groups = value
+
+    @property  # type: ignore[override]
+    def state(self) -> Any:
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        if getattr(self, "_initialized", False):
+            self.optimizer.state = value
+
+    @property  # type: ignore[override]
+    def defaults(self) -> dict[str, Any]:
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        if getattr(self, "_initialized", False):
+            self.optimizer.defaults = value
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group to the inner optimizer (as ``Optimizer.add_param_group``)."""
+        if not getattr(self, "_initialized", False):
+            return  # the base constructor replays the inner optimizer's groups: nothing to do
+        self.optimizer.add_param_group(param_group)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        inner = repr(self.optimizer).replace("\n", "\n    ")
+        return (
+            f"GradBalancer(method={self.method.name!r}, tasks={self.tasks}, "
+            f"engine={self._engine_request!r},\n    {inner})"
+        )
+
+    # ------------------------------------------------------------------ public read-only state
+    @property
+    def tasks(self) -> list[str] | None:
+        """The task names in the balancer's order, or ``None`` before the first backward."""
+        return None if self._tasks is None else list(self._tasks)
+
+    @property
+    def engine(self) -> str:
+        """The engine strategy in use (``"auto"`` resolves on the first gradient backward)."""
+        return self._strategy
+
+    @property
+    def shared_parameters(self) -> list[Tensor]:
+        """The shared parameters the balancer combines task gradients on."""
+        return list(self._shared)
+
+    @property
+    def steps(self) -> int:
+        """How many steps were applied (skipped steps not counted)."""
+        return self._steps
+
+    @property
+    def skipped_steps(self) -> int:
+        """How many steps were skipped for a non-finite loss or gradient (``nonfinite="skip"``)."""
+        return self._skipped
+
+    @property
+    def last_weights(self) -> Tensor | None:
+        """The weights of the last :meth:`backward`, in the balancer's task order."""
+        return self._last_weights
+
+    @property
+    def last_losses(self) -> Tensor | None:
+        """The (detached, float64) losses of the last :meth:`backward`."""
+        return self._last_losses
+
+    @property
+    def last_gramian(self) -> Tensor | None:
+        """The Gramian of the last :meth:`backward`, for gradient methods (float64)."""
+        return self._last_gramian
+
+    # ------------------------------------------------------------------ the step
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the gradients of every parameter of the inner optimizer."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+        self._pending.clear()
+        self._skip_next_step = False
+
+    def backward(
+        self,
+        losses: Mapping[str, Tensor] | list[Tensor] | tuple[Tensor, ...],
+        *,
+        features: Tensor | Iterable[Tensor] | None = None,
+        kpis: Mapping[str, float] | Iterable[float] | Tensor | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        retain_graph: bool = False,
+    ) -> Tensor:
+        """Compute the task weights and accumulate the balanced gradient into ``.grad``.
+
+        Nothing (``.grad``, parameters, optimizer or method state) changes unless every check
+        passes; the method's own state changes only when :meth:`step` really steps.
+
+        Args:
+            losses: one scalar loss per task: a dict ``{task: loss}`` or a list/tuple.
+            features: the shared representation(s) the heads read, for methods and engines
+                that work on feature gradients (MGDA-UB, ``engine="representation"``).
+            kpis: one KPI per task in ``[0, 1]``, for methods that need them (DTP).
+            scaler: a ``torch.amp.GradScaler``: pass the *unscaled* losses; the balancer
+                scales the backward, unscales what the method reads, and on overflow makes the
+                scaler skip the step (method state untouched).
+            retain_graph: keep the autograd graph after the backward, as in
+                :meth:`torch.Tensor.backward`.
+
+        Returns:
+            The weights, shape ``(K,)``, detached, in the order of ``losses``. NaN when the step
+            is skipped.
+        """
+        tasks, loss_list, call_order = _inputs.parse_losses(losses, self._tasks)
+        method = self.method
+        kpi_tensor = (
+            _inputs.parse_kpis(kpis, tasks, method.name) if KPIS in method.requires else None
+        )
+        feature_list: list[Tensor] = []
+        if self._strategy == "representation":
+            feature_list = _inputs.as_feature_list(features, method.name)
+        if self._tasks is None:
+            self._bind(tasks)
+        k = len(tasks)
+        scale = self._scale_tensor(scaler, loss_list[0].device)
+
+        detached = torch.stack([loss.detach().reshape(()).to(torch.float64) for loss in loss_list])
+        finite = torch.isfinite(detached)
+        if not bool(finite.all()):
+            bad = [tasks[i] for i in range(k) if not bool(finite[i])]
+            return self._nonfinite(f"the loss of task(s) {bad} is not finite", scale, call_order)
+
+        if method.is_gradient_method():
+            return self._backward_gradient(
+                tasks,
+                loss_list,
+                detached,
+                kpi_tensor,
+                feature_list,
+                scale,
+                retain_graph,
+                call_order,
+            )
+        return self._backward_losses(
+            tasks, loss_list, detached, kpi_tensor, scale, retain_graph, call_order
+        )
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Step the inner optimizer, then commit the method's state update.
+
+        Args:
+            closure: optional; re-evaluates the model and calls :meth:`backward` (as in
+                :meth:`torch.optim.Optimizer.step`), returning the loss.
+        """
+        result = None
+        if closure is not None:
+            with torch.enable_grad():
+                result = closure()
+        if self._skip_next_step:
+            self._skip_next_step = False
+            self._pending.clear()
+            return result
+        self.optimizer.step()
+        for inputs, weights in self._pending:
+            self.method.update(inputs, weights)
+        self._pending.clear()
+        self._steps += 1
+        return result
+
+    # ------------------------------------------------------------------ backward paths
+    def _backward_losses(
+        self,
+        tasks: tuple[str, ...],
+        loss_list: list[Tensor],
+        detached: Tensor,
+        kpis: Tensor | None,
+        scale: Tensor | None,
+        retain_graph: bool,
+        call_order: list[int],
+    ) -> Tensor:
+        method = self.method
+        last_gram = None
+        if LAST_SHARED_GRAMIAN in method.requires:
+            scaled = loss_list
+            if scale is not None:
+                scaled = [loss * scale.to(loss.dtype) for loss in loss_list]
+            tg = _engine.task_gradients(
+                scaled, self._last_shared, strategy="loop", retain_graph=True
+            )
+            last_gram = _engine.gramian(tg.rows, len(tasks))
+            if scale is not None:
+                last_gram = last_gram / scale.to(torch.float64) ** 2
+            bad = self._nonfinite_tasks(last_gram, tasks)
+            if bad:
+                return self._nonfinite(
+                    f"the gradient of task(s) {bad} on the last shared layer is not finite",
+                    scale,
+                    call_order,
+                )
+        inputs = StepInputs(
+            tasks=tasks,
+            losses=detached,
+            last_shared_gramian=last_gram,
+            kpis=kpis,
+            step=self._steps,
+        )
+        weights = method.weights(inputs)
+        self._check_weights(weights, len(tasks))
+        objective = None
+        for w, loss in zip(weights.to(loss_list[0].dtype).unbind(), loss_list):
+            term = w * loss.reshape(())
+            objective = term if objective is None else objective + term
+        extra = method.extra_loss(inputs)
+        if extra is not None:
+            objective = objective + extra
+        assert objective is not None
+        if scale is not None:
+            objective = objective * scale.to(objective.dtype)
+        params = [p for p in self._optimizer_params() if p.requires_grad]
+        grads = _engine.objective_gradients(objective, params, retain_graph=retain_graph)
+        bad_params = self._nonfinite_params(params, grads)
+        if bad_params:
+            return self._nonfinite(
+                f"the gradient of the weighted loss is not finite in {bad_params} although "
+                f"every loss of {list(tasks)} is finite",
+                scale,
+                call_order,
+            )
+        self._write(params, grads)
+        return self._finish(inputs, weights, call_order, gramian=None)
+
+    def _backward_gradient(
+        self,
+        tasks: tuple[str, ...],
+        loss_list: list[Tensor],
+        detached: Tensor,
+        kpis: Tensor | None,
+        features: list[Tensor],
+        scale: Tensor | None,
+        retain_graph: bool,
+        call_order: list[int],
+    ) -> Tensor:
+        method = self.method
+        k = len(tasks)
+        shared = self._shared
+        shared_ids = {id(p) for p in shared}
+        others = [
+            p for p in self._optimizer_params() if p.requires_grad and id(p) not in shared_ids
+        ]
+        representation = self._strategy == "representation"
+        if scale is not None:
+            loss_list = [loss * scale.to(loss.dtype) for loss in loss_list]
+        if representation:
+            tg = _engine.task_gradients(
+                loss_list, features, others, strategy="loop", retain_graph=True
+            )
+            missing = [tasks[i] for i in range(k) if not tg.task_reached[i]]
+            if missing:
+                raise LossError(
+                    f"the loss of task(s) {missing} does not depend on the features passed to "
+                    "backward(); pass the shared representation every head reads"
+                )
+        else:
+            if not shared:
+                raise UnreachedParameterError("no shared parameter requires grad")
+            if self._strategy == "auto":
+                tg, self._strategy = _engine.probe_batched(loss_list, shared, others, retain_graph)
+            else:
+                tg = _engine.task_gradients(
+                    loss_list, shared, others, strategy=self._strategy, retain_graph=retain_graph
+                )
+            unreached = [
+                _describe(p, i, "shared")
+                for i, (p, r) in enumerate(zip(shared, tg.rows))
+                if r is None
+            ]
+            if unreached:
+                raise UnreachedParameterError(
+                    f"no task loss reaches {', '.join(unreached)}; remove it from shared=... "
+                    "or check that the model uses it"
+                )
+        gram = _engine.gramian(tg.rows, k)
+        if scale is not None:
+            gram = gram / scale.to(torch.float64) ** 2
+        bad = self._nonfinite_tasks(gram, tasks)
+        if bad:
+            return self._nonfinite(
+                f"the gradient of task(s) {bad} on the shared "
+                f"{'features' if representation else 'parameters'} is not finite",
+                scale,
+                call_order,
+            )
+        bad_params = self._nonfinite_params(others, tg.others)
+        if bad_params:
+            return self._nonfinite(
+                f"the gradient of task-specific {bad_params} is not finite", scale, call_order
+            )
+        inputs = StepInputs(tasks=tasks, losses=detached, gramian=gram, kpis=kpis, step=self._steps)
+        weights = method.weights(inputs).detach()
+        self._check_weights(weights, k)
+        combined = _engine.combine(tg.rows, weights)
+        if representation:
+            shared_grads = _engine.backprop_features(
+                features, shared, combined, retain_graph=retain_graph
+            )
+            unreached = [
+                _describe(p, i, "shared")
+                for i, (p, g) in enumerate(zip(shared, shared_grads))
+                if g is None
+            ]
+            if unreached:
+                raise UnreachedParameterError(
+                    f"the features passed to backward() do not depend on {', '.join(unreached)}; "
+                    "remove it from shared=... or pass the features computed from it"
+                )
+            bad_params = self._nonfinite_params(shared, shared_grads)
+            if bad_params:
+                return self._nonfinite(
+                    f"the trunk gradient is not finite in {bad_params}", scale, call_order
+                )
+            self._write(shared, shared_grads)
+        else:
+            self._write(shared, combined)
+        self._write(others, tg.others)
+        return self._finish(inputs, weights, call_order, gramian=gram)
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _scale_tensor(scaler: Any, device: torch.device) -> Tensor | None:
+        if scaler is None:
+            return None
+        if not hasattr(scaler, "scale") or not hasattr(scaler, "is_enabled"):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        if not scaler.is_enabled():
+            return None
+        return scaler.scale(torch.ones((), device=device, dtype=torch.float32))
+
+    @staticmethod
+    def _check_weights(weights: Tensor, k: int) -> None:
+        if not isinstance(weights, Tensor) or weights.shape != (k,):
+            shape = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
+            raise SolverError(f"the method returned weights of shape {shape}, expected ({k},)")
+        if not bool(torch.isfinite(weights.detach()).all()):
+            raise SolverError(
+                f"the method returned non-finite weights {weights.detach().tolist()}; "
+                "nothing was applied"
+            )
+
+    @staticmethod
+    def _nonfinite_tasks(gram: Tensor, tasks: tuple[str, ...]) -> list[str]:
+        diag_ok = torch.isfinite(gram).all(dim=1)
+        if bool(diag_ok.all()):
+            return []
+        return [tasks[i] for i, ok in enumerate(diag_ok.tolist()) if not ok]
+
+    @staticmethod
+    def _nonfinite_params(params: list[Tensor], grads: list[Tensor | None]) -> list[str]:
+        checks = [(i, g) for i, g in enumerate(grads) if g is not None]
+        if not checks:
+            return []
+        flags = torch.stack([torch.isfinite(g).all() for _, g in checks])
+        if bool(flags.all()):
+            return []
+        return [
+            _describe(params[i], i, "")[1:] for (i, _), ok in zip(checks, flags.tolist()) if not ok
+        ]
+
+    def _nonfinite(
+        self,
+        reason: str,
+        scale: Tensor | None,
+        call_order: list[int],
+    ) -> Tensor:
+        k = len(call_order)
+        nan = torch.full((k,), math.nan)
+        if scale is not None:
+            # Under a GradScaler an overflow is expected: mark the gradients non-finite so that
+            # scaler.step() skips the inner step and scaler.update() lowers the scale.
+            target = self._shared[0] if self._shared else self._optimizer_params()[0]
+            inf = torch.full_like(target, math.inf)
+            target.grad = inf if target.grad is None else target.grad.add_(inf)
+            self._last_weights = nan
+            return nan
+        if self.nonfinite == "skip":
+            self._skipped += 1
+            self._skip_next_step = True
+            logger.warning("gradbalance: skipping the step: %s", reason)
+            self._last_weights = nan
+            return nan
+        raise NonFiniteError(
+            f"{reason}; nothing was applied. Lower the learning rate, check the data, or "
+            "build the balancer with nonfinite='skip' to skip such steps"
+        )
+
+    @staticmethod
+    def _write(params: list[Tensor], grads: list[Tensor | None]) -> None:
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                if g is None:
+                    continue
+                g = g.to(p.dtype)
+                if p.grad is None:
+                    p.grad = g.detach()
+                else:
+                    p.grad.add_(g)
+
+    def _finish(
+        self, inputs: StepInputs, weights: Tensor, call_order: list[int], gramian: Tensor | None
+    ) -> Tensor:
+        w = weights.detach()
+        self._pending.append((inputs, w))
+        self._last_weights = w.to(torch.get_default_dtype())
+        self._last_losses = inputs.losses
+        self._last_gramian = gramian
+        return self._last_weights[call_order].clone()
+
+    # ------------------------------------------------------------------ epochs
+    def end_epoch(self) -> None:
+        """Tell epoch-based methods (DWA) that an epoch ended; a no-op for the others."""
+        hook = getattr(self.method, "end_epoch", None)
+        if callable(hook):
+            hook()
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """Inner optimizer state, method state and the balancer's counters.
+
+        Holds only tensors and plain Python values, so ``torch.load(weights_only=True)`` reads
+        it back.
+        """
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "method": self.method.state_dict(),
+            "balancer": {
+                "format": _STATE_FORMAT,
+                "method": self.method.name,
+                "tasks": self.tasks,
+                "steps": self._steps,
+                "skipped_steps": self._skipped,
+                "engine": self._strategy,
+            },
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
+        """Restore a :meth:`state_dict` into this balancer (built like the saved one)."""
+        if not isinstance(state_dict, Mapping) or not {"optimizer", "method", "balancer"} <= set(
+            state_dict
+        ):
+            raise ValueError(
+                "not a GradBalancer state dict (expected keys 'optimizer', 'method', 'balancer'); "
+                "to load an inner optimizer's state use balancer.optimizer.load_state_dict"
+            )
+        meta = state_dict["balancer"]
+        if meta.get("method") != self.method.name:
+            raise ValueError(
+                f"state dict was saved with method {meta.get('method')!r}, this balancer uses "
+                f"{self.method.name!r}"
+            )
+        saved_tasks = meta.get("tasks")
+        if (
+            saved_tasks is not None
+            and self._tasks is not None
+            and list(self._tasks) != list(saved_tasks)
+        ):
+            raise ValueError(
+                f"state dict was saved for tasks {saved_tasks}, this balancer has {self.tasks}"
+            )
+        if saved_tasks is not None and self._tasks is None:
+            self._bind(tuple(saved_tasks))
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self.method.load_state_dict(state_dict["method"])
+        self._steps = int(meta.get("steps", 0))
+        self._skipped = int(meta.get("skipped_steps", 0))
+        engine_used = meta.get("engine")
+        if self._engine_request == "auto" and engine_used in ("loop", "batched"):
+            self._strategy = engine_used
+        self._pending.clear()
+        self._skip_next_step = False

@@ -1,0 +1,36 @@
+"""Balancing methods: one module per method, all behind :class:`Method` and one registry.
+
+``gb.methods.available()`` lists the registered names, ``gb.methods.get(name, **kwargs)`` builds
+one, and every class is importable from here (``gb.methods.Equal()``).
+"""
+
+from gradbalance.methods.base import (
+    FEATURES,
+    GRAMIAN,
+    KPIS,
+    LAST_SHARED_GRAMIAN,
+    LOSSES,
+    Method,
+    StepInputs,
+)
+from gradbalance.methods.equal import Equal
+from gradbalance.methods.fixed import Fixed
+from gradbalance.methods.mean import Mean
+from gradbalance.methods.registry import available, get, get_class, register
+
+__all__ = [
+    "FEATURES",
+    "GRAMIAN",
+    "KPIS",
+    "LAST_SHARED_GRAMIAN",
+    "LOSSES",
+    "Equal",
+    "Fixed",
+    "Mean",
+    "Method",
+    "StepInputs",
+    "available",
+    "get",
+    "get_class",
+    "register",
+]

@@ -1,0 +1,203 @@
+"""The base class every balancing method derives from, and the inputs it receives.
+
+A method is a map from a few small things to one weight per task::
+
+    losses (K,) + Gramian (K, K) + optional KPIs / step  ->  weights (K,)
+
+:class:`Method` is an :class:`torch.nn.Module` so that its state (learnable log-variances, loss
+histories, random-generator state, ...) lives in parameters, buffers and ``extra_state`` and
+travels through ``state_dict`` / ``load_state_dict`` like any module's.
+
+The life cycle of one training step is split in two phases so that nothing is half-applied when
+an error occurs or a step is skipped:
+
+1. :meth:`Method.weights` computes the weights from :class:`StepInputs`. It must not change any
+   state of the method.
+2. :meth:`Method.update` commits the method's own state change (a new history entry, a weight
+   update, ...). The balancer calls it only after the inner optimizer really stepped, so a step
+   skipped for a non-finite gradient or by ``torch.amp.GradScaler`` leaves the method untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "FEATURES",
+    "GRAMIAN",
+    "KPIS",
+    "LAST_SHARED_GRAMIAN",
+    "LOSSES",
+    "Method",
+    "StepInputs",
+]
+
+#: The method reads the (detached) task losses.
+LOSSES = "losses"
+#: The method reads the Gramian ``G = J Jᵀ`` of the task gradients on the shared parameters.
+GRAMIAN = "gramian"
+#: The Gramian is taken of the gradients w.r.t. the shared *features* (``backward(features=)``).
+FEATURES = "features"
+#: The method reads one KPI per task in ``[0, 1]`` (``backward(kpis=)``).
+KPIS = "kpis"
+#: The method reads the Gramian of the task gradients restricted to the last shared layer.
+LAST_SHARED_GRAMIAN = "last_shared_gramian"
+
+_KNOWN_REQUIREMENTS = frozenset({LOSSES, GRAMIAN, FEATURES, KPIS, LAST_SHARED_GRAMIAN})
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """What a method may read to compute the weights of one step.
+
+    Attributes:
+        tasks: the task names, in the balancer's task order.
+        losses: the task losses, detached, shape ``(K,)``, float64.
+        gramian: ``G = J Jᵀ`` (``(K, K)``, float64) of the per-task gradients on the shared
+            parameters (or on the shared features for methods that require ``FEATURES``), or
+            ``None`` when the method does not require it.
+        last_shared_gramian: the Gramian restricted to the last shared layer, or ``None``.
+        kpis: one KPI per task in ``[0, 1]`` (``(K,)``, float64), or ``None``.
+        step: how many steps the balancer has completed before this one.
+    """
+
+    tasks: tuple[str, ...]
+    losses: Tensor
+    gramian: Tensor | None = None
+    last_shared_gramian: Tensor | None = None
+    kpis: Tensor | None = None
+    step: int = 0
+
+    @property
+    def num_tasks(self) -> int:
+        """The number of tasks ``K``."""
+        return len(self.tasks)
+
+
+class Method(nn.Module):
+    """Base class of the balancing methods.
+
+    Subclasses set the class attributes and implement :meth:`weights`; stateful methods also
+    implement :meth:`update` (and create their parameters/buffers in :meth:`bind`).
+
+    Class attributes:
+        name: the registry name (``"equal"``, ``"mgda"``, ...).
+        requires: what the method reads: a subset of :data:`LOSSES`, :data:`GRAMIAN`,
+            :data:`FEATURES`, :data:`KPIS`, :data:`LAST_SHARED_GRAMIAN`. A method that requires
+            ``GRAMIAN`` or ``FEATURES`` is a *gradient method*: its weights combine the task
+            gradients of the shared parameters (``Jᵀw``) while task-specific parameters get their
+            own task's gradient. Any other method is a *loss weighting*: the balancer backpropagates
+            ``Σ w_i L_i`` (plus :meth:`extra_loss`) through the whole model, as the papers do.
+        paper: the citation of the method's paper.
+
+    Examples:
+        >>> import torch
+        >>> from gradbalance.methods import Method, StepInputs, LOSSES
+        >>> class Double(Method):
+        ...     name = "double"
+        ...     requires = frozenset({LOSSES})
+        ...     def weights(self, inputs: StepInputs) -> torch.Tensor:
+        ...         return torch.full((inputs.num_tasks,), 2.0, dtype=torch.float64)
+        >>> m = Double()
+        >>> m.bind(("a", "b"))
+        >>> m.weights(StepInputs(tasks=("a", "b"), losses=torch.ones(2)))
+        tensor([2., 2.], dtype=torch.float64)
+    """
+
+    name: ClassVar[str] = ""
+    requires: ClassVar[frozenset[str]] = frozenset({LOSSES})
+    paper: ClassVar[str] = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._tasks: tuple[str, ...] | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        unknown = set(cls.requires) - _KNOWN_REQUIREMENTS
+        if unknown:
+            raise TypeError(
+                f"{cls.__name__}.requires has unknown entries {sorted(unknown)}; "
+                f"use some of {sorted(_KNOWN_REQUIREMENTS)}"
+            )
+
+    # ------------------------------------------------------------------ kind of method
+    @classmethod
+    def is_gradient_method(cls) -> bool:
+        """Whether the method combines task gradients (``Jᵀw``) rather than weighting losses."""
+        return GRAMIAN in cls.requires or FEATURES in cls.requires
+
+    # ------------------------------------------------------------------ life cycle
+    @property
+    def tasks(self) -> tuple[str, ...] | None:
+        """The task names the method is bound to, or ``None`` before :meth:`bind`."""
+        return self._tasks
+
+    @property
+    def is_bound(self) -> bool:
+        """Whether :meth:`bind` has been called."""
+        return self._tasks is not None
+
+    def bind(self, tasks: tuple[str, ...]) -> None:
+        """Tell the method the task names (and so ``K``). Called once, before the first step.
+
+        Subclasses that need ``K`` to build parameters or buffers override this, call
+        ``super().bind(tasks)`` first, then create them.
+        """
+        if self._tasks is not None and tuple(tasks) != self._tasks:
+            raise ValueError(
+                f"method {self.name!r} is bound to tasks {list(self._tasks)}, "
+                f"cannot rebind it to {list(tasks)}"
+            )
+        self._tasks = tuple(tasks)
+
+    def weights(self, inputs: StepInputs) -> Tensor:
+        """Return one weight per task (shape ``(K,)``) without changing any state.
+
+        Loss weightings may return weights that require grad w.r.t. the method's own parameters
+        (e.g. uncertainty weighting's log-variances); the balancer then backpropagates into them.
+        """
+        raise NotImplementedError
+
+    def extra_loss(self, inputs: StepInputs) -> Tensor | None:
+        """An extra scalar added to ``Σ w_i L_i`` by loss weightings (e.g. a regulariser)."""
+        return None
+
+    def update(self, inputs: StepInputs, weights: Tensor) -> None:
+        """Commit the method's state change after the inner optimizer stepped (default: none)."""
+
+    def param_group_options(self) -> Mapping[str, Any]:
+        """Options of the param group that holds the method's learnable parameters.
+
+        Only used when the method has parameters. Keys the inner optimizer does not know are
+        dropped by the balancer.
+        """
+        return {"weight_decay": 0.0}
+
+    def extra_repr(self) -> str:
+        return "" if self._tasks is None else f"tasks={list(self._tasks)}"
+
+    # ------------------------------------------------------------------ state
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"tasks": list(self._tasks) if self._tasks is not None else None}
+
+    def set_extra_state(self, state: Any) -> None:
+        tasks = state.get("tasks") if isinstance(state, Mapping) else None
+        if tasks is not None:
+            if self._tasks is None:
+                self.bind(tuple(tasks))
+            elif tuple(tasks) != self._tasks:
+                raise ValueError(
+                    f"state of method {self.name!r} was saved for tasks {tasks}, "
+                    f"but this method is bound to {list(self._tasks)}"
+                )
+
+
+def as_float64(x: Tensor) -> Tensor:
+    """``x`` detached and in float64 (helper for methods)."""
+    return x.detach().to(torch.float64)

@@ -13,12 +13,18 @@ from gradbalance.methods.base import (
     Method,
     StepInputs,
 )
+from gradbalance.methods.dtp import DTP
+from gradbalance.methods.dwa import DWA
 from gradbalance.methods.equal import Equal
 from gradbalance.methods.fixed import Fixed
+from gradbalance.methods.gradnorm import GradNorm
 from gradbalance.methods.mean import Mean
 from gradbalance.methods.registry import available, get, get_class, register
+from gradbalance.methods.uncertainty import Uncertainty
 
 __all__ = [
+    "DTP",
+    "DWA",
     "FEATURES",
     "GRAMIAN",
     "KPIS",
@@ -26,9 +32,11 @@ __all__ = [
     "LOSSES",
     "Equal",
     "Fixed",
+    "GradNorm",
     "Mean",
     "Method",
     "StepInputs",
+    "Uncertainty",
     "available",
     "get",
     "get_class",

@@ -186,6 +186,20 @@ class Method(nn.Module):
     def get_extra_state(self) -> dict[str, Any]:
         return {"tasks": list(self._tasks) if self._tasks is not None else None}
 
+    def _load_from_state_dict(
+        self,
+        state_dict: Mapping[str, Any],
+        prefix: str,
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
+        # Buffers and parameters of stateful methods are created by bind(); a method loaded
+        # before it is bound binds itself to the saved tasks first, so they exist to load into.
+        extra = state_dict.get(prefix + "_extra_state")
+        if self._tasks is None and isinstance(extra, Mapping) and extra.get("tasks") is not None:
+            self.bind(tuple(extra["tasks"]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def set_extra_state(self, state: Any) -> None:
         tasks = state.get("tasks") if isinstance(state, Mapping) else None
         if tasks is not None:

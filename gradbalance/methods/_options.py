@@ -1,0 +1,55 @@
+"""Helpers shared by methods: per-task options given as one value, a list or a mapping."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+from torch import Tensor
+
+__all__ = ["per_task"]
+
+T = TypeVar("T")
+
+
+def per_task(
+    spec: Any,
+    tasks: tuple[str, ...],
+    what: str,
+    convert: Callable[[Any], T],
+) -> list[T]:
+    """Resolve a per-task option given as one value, a sequence in task order, or a mapping.
+
+    Args:
+        spec: a single value (used for every task), a sequence with one value per task in task
+            order, or a mapping task name -> value naming every task.
+        tasks: the task names.
+        what: the option's name, for error messages.
+        convert: validates and converts one value (raises ``ValueError``/``TypeError``).
+
+    Examples:
+        >>> per_task({"a": 1, "b": 2}, ("a", "b"), "gamma", float)
+        [1.0, 2.0]
+    """
+    if isinstance(spec, Mapping):
+        missing = [t for t in tasks if t not in spec]
+        unknown = [str(t) for t in spec if t not in tasks]
+        if missing or unknown:
+            raise ValueError(
+                f"{what} names tasks {[str(t) for t in spec]}, but the tasks are {list(tasks)} "
+                f"(missing: {missing}, unknown: {unknown}); give one value per task"
+            )
+        return [convert(spec[t]) for t in tasks]
+    if (
+        isinstance(spec, (str, bytes))
+        or not isinstance(spec, (Sequence, Tensor))
+        or (isinstance(spec, Tensor) and spec.dim() == 0)
+    ):
+        return [convert(spec)] * len(tasks)
+    values = list(spec)
+    if len(values) != len(tasks):
+        raise ValueError(
+            f"{what} has {len(values)} entries but there are {len(tasks)} tasks {list(tasks)}; "
+            "give one value per task (or a single value, or a mapping task -> value)"
+        )
+    return [convert(v) for v in values]

@@ -1,0 +1,269 @@
+"""GradNorm (Chen et al., ICML 2018): learn loss weights that balance gradient norms."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import Tensor
+
+from gradbalance.errors import LossError, MissingInputError
+from gradbalance.methods.base import LAST_SHARED_GRAMIAN, LOSSES, Method, StepInputs, as_float64
+from gradbalance.methods.registry import register
+
+__all__ = ["GradNorm"]
+
+_OPTIMIZERS = ("adam", "sgd")
+
+
+@register
+class GradNorm(Method):
+    r"""GradNorm: tune the loss weights so that every task trains at a balanced rate.
+
+    Chen, Badrinarayanan, Lee & Rabinovich, *GradNorm: Gradient Normalization for Adaptive Loss
+    Balancing in Deep Multitask Networks*, ICML 2018. With ``W`` the last shared layer and
+    ``w_i ≥ 0`` the loss weights (``Σ w_i = K``):
+
+    $$
+    G_i = \|\nabla_W\, w_i L_i\| = w_i \|\nabla_W L_i\|,\quad
+    \bar G = \tfrac1K \textstyle\sum_i G_i,\quad
+    \tilde L_i = \frac{L_i(t)}{L_i(0)},\quad
+    r_i = \frac{\tilde L_i}{\tfrac1K \sum_j \tilde L_j},
+    $$
+
+    $$
+    L_\text{grad} = \sum_i \bigl|\, G_i - \bar G\, r_i^{\alpha} \bigr|,
+    $$
+
+    where the target ``Ḡ·r_i^α`` is held constant, ``Ḡ`` included: no gradient flows through
+    it (the paper does so to keep the weights from drifting to zero). The network is trained
+    on ``Σ w_i L_i`` with the current weights; the weights then take one step of their own
+    optimizer on ``∂L_grad/∂w`` and are renormalised so that ``Σ w_i = K``.
+
+    Because ``G_i = w_i‖∇_W L_i‖`` and the target is constant, the gradient is closed form:
+
+    $$
+    \frac{\partial L_\text{grad}}{\partial w_i}
+    = \operatorname{sign}\bigl(G_i - \bar G r_i^\alpha\bigr)\,\|\nabla_W L_i\|,
+    $$
+
+    so no double backward is needed and nothing of ``L_grad`` leaks into the network's
+    gradients (implementations that build ``L_grad`` with ``create_graph=True`` and call
+    ``backward`` on it add its second-order gradient to the shared parameters). The norms
+    ``‖∇_W L_i‖`` are the square roots of the diagonal of the last-shared-layer Gramian that
+    ``GradBalancer`` computes (``K`` extra backwards restricted to ``W``). Name ``W``
+    with ``GradBalancer(..., last_shared=model.last_layer)``; by default it is the last shared
+    parameter tensor (with its weight when that is a bias).
+
+    ``L_i(0)`` are the losses of the first applied step. ``α`` is the asymmetry: ``0`` asks
+    for equal gradient norms; the paper uses ``α = 1.5`` on NYUv2 and ``α = 0.12`` on its
+    synthetic regression.
+
+    Deviations from the paper: after each step the weights are clamped at ``0`` before the
+    renormalisation (the paper does not say what happens to a weight that a step makes
+    negative); if every weight would be ``0`` the step of the weights is dropped with a
+    warning. The paper does not give a separate learning rate for the weights;
+    ``lr = 0.025`` is this library's default. With gradient accumulation the weights take one
+    step per ``backward`` call.
+
+    Args:
+        alpha: the asymmetry ``α ≥ 0``.
+        lr: the learning rate of the weights.
+        weight_optimizer: ``"adam"`` (default) or ``"sgd"``: the optimizer of the weights,
+            owned by the method (its state is in the method's ``state_dict``). Named so that it
+            does not clash with ``GradBalancer``'s ``optimizer`` argument when the method
+            is built by name.
+        betas: Adam's ``(β1, β2)``.
+        eps: Adam's ``ε``.
+
+    Example:
+        >>> import torch, gradbalance as gb
+        >>> trunk = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),
+        ...                             torch.nn.Linear(8, 8))
+        >>> heads = torch.nn.Linear(8, 2)
+        >>> params = [*trunk.parameters(), *heads.parameters()]
+        >>> opt = gb.GradBalancer(torch.optim.Adam(params, lr=1e-3), method="gradnorm",
+        ...                       alpha=1.5, shared=trunk, last_shared=trunk[2])
+        >>> out = heads(trunk(torch.randn(16, 4)))
+        >>> opt.zero_grad()
+        >>> opt.backward([out[:, 0].pow(2).mean(), 10 * out[:, 1].pow(2).mean()])
+        tensor([1., 1.])
+        >>> opt.step()
+        >>> float(opt.method.loss_weights.sum())
+        2.0
+    """
+
+    name = "gradnorm"
+    requires = frozenset({LOSSES, LAST_SHARED_GRAMIAN})
+    paper = (
+        "Z. Chen, V. Badrinarayanan, C.-Y. Lee, A. Rabinovich. GradNorm: Gradient Normalization "
+        "for Adaptive Loss Balancing in Deep Multitask Networks. ICML 2018."
+    )
+
+    weight: Tensor
+    initial_losses: Tensor
+    has_initial_losses: Tensor
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    weight_steps: Tensor
+
+    def __init__(
+        self,
+        alpha: float = 1.5,
+        lr: float = 0.025,
+        weight_optimizer: str = "adam",
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        super().__init__()
+        a = float(alpha)
+        if not math.isfinite(a) or a < 0:
+            raise ValueError(f"alpha must be a finite non-negative number, got {alpha!r}")
+        rate = float(lr)
+        if not math.isfinite(rate) or rate <= 0:
+            raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+        if not isinstance(weight_optimizer, str) or weight_optimizer.lower() not in _OPTIMIZERS:
+            raise ValueError(
+                f"weight_optimizer must be one of {_OPTIMIZERS}, got {weight_optimizer!r}"
+            )
+        b1, b2 = (float(b) for b in betas)
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+            raise ValueError(f"betas must lie in [0, 1), got {betas!r}")
+        if not math.isfinite(float(eps)) or float(eps) <= 0:
+            raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+        self.alpha = a
+        self.lr = rate
+        self.weight_optimizer = weight_optimizer.lower()
+        self.betas = (b1, b2)
+        self.eps = float(eps)
+
+    def bind(self, tasks: tuple[str, ...]) -> None:
+        if self.is_bound:
+            super().bind(tasks)
+            return
+        super().bind(tasks)
+        k = len(tasks)
+        f64 = torch.float64
+        self.register_buffer("weight", torch.ones(k, dtype=f64))
+        self.register_buffer("initial_losses", torch.ones(k, dtype=f64))
+        self.register_buffer("has_initial_losses", torch.zeros((), dtype=torch.bool))
+        # State of the weights' own optimizer (Adam moments and step count).
+        self.register_buffer("exp_avg", torch.zeros(k, dtype=f64))
+        self.register_buffer("exp_avg_sq", torch.zeros(k, dtype=f64))
+        self.register_buffer("weight_steps", torch.zeros((), dtype=torch.long))
+
+    # ------------------------------------------------------------------ pure computations
+    def _check(self, inputs: StepInputs) -> tuple[Tensor, Tensor]:
+        if not self.is_bound:
+            raise RuntimeError("GradNorm is not bound to tasks yet; call bind(tasks) first")
+        if inputs.last_shared_gramian is None:
+            raise MissingInputError(
+                "GradNorm needs the Gramian of the task gradients on the last shared layer "
+                "(StepInputs.last_shared_gramian); use it through GradBalancer"
+            )
+        device = self.weight.device
+        losses = as_float64(inputs.losses).to(device)
+        gram = as_float64(inputs.last_shared_gramian).to(device)
+        if losses.shape != self.weight.shape or gram.shape != (losses.numel(), losses.numel()):
+            raise ValueError(
+                f"got {tuple(losses.shape)} losses and a {tuple(gram.shape)} Gramian for "
+                f"{self.weight.numel()} tasks"
+            )
+        return losses, gram
+
+    def _initial(self, losses: Tensor) -> Tensor:
+        return self.initial_losses if bool(self.has_initial_losses) else losses
+
+    def norms_and_targets(self, inputs: StepInputs) -> tuple[Tensor, Tensor]:
+        """The weighted gradient norms ``G_i = w_i‖∇_W L_i‖`` and their targets ``Ḡ·r_i^α``.
+
+        Pure: uses the current weights and ``L(0)`` (the current losses before the first step).
+        """
+        losses, gram = self._check(inputs)
+        norms = gram.diagonal().clamp_min(0.0).sqrt()
+        g = self.weight * norms
+        loss_ratio = losses / self._initial(losses)
+        mean_ratio = loss_ratio.mean()
+        if bool(mean_ratio > 0):
+            rate = loss_ratio / mean_ratio
+        else:  # every loss is 0: no task is behind
+            rate = torch.ones_like(loss_ratio)
+        target = g.mean() * rate**self.alpha
+        return g, target
+
+    def grad_loss(self, inputs: StepInputs) -> tuple[Tensor, Tensor]:
+        """``L_grad`` and its closed-form gradient ``∂L_grad/∂w`` (target held constant).
+
+        Pure: nothing is stored.
+        """
+        _, gram = self._check(inputs)
+        norms = gram.diagonal().clamp_min(0.0).sqrt()
+        g, target = self.norms_and_targets(inputs)
+        diff = g - target
+        return diff.abs().sum(), torch.sign(diff) * norms
+
+    # ------------------------------------------------------------------ method interface
+    def weights(self, inputs: StepInputs) -> Tensor:
+        losses, _ = self._check(inputs)
+        if bool((losses < 0).any()):
+            raise LossError(
+                f"GradNorm needs non-negative losses for the loss ratios L_i(t)/L_i(0), got "
+                f"{losses.tolist()}"
+            )
+        if not bool(self.has_initial_losses) and not bool((losses > 0).all()):
+            raise LossError(
+                "GradNorm takes L_i(0) from the first step and divides by it, but the first "
+                f"losses are {losses.tolist()}; every loss must be positive"
+            )
+        return self.weight.clone()
+
+    def update(self, inputs: StepInputs, weights: Tensor) -> None:
+        losses, _ = self._check(inputs)
+        _, grad = self.grad_loss(inputs)
+        if not bool(self.has_initial_losses):
+            self.initial_losses.copy_(losses)
+            self.has_initial_losses.fill_(True)
+        proposal = self.weight - self._step_direction(grad)
+        proposal = proposal.clamp_min(0.0)
+        total = proposal.sum()
+        if not bool(total > 0) or not bool(torch.isfinite(proposal).all()):
+            warnings.warn(
+                "GradNorm: the weight step would make every weight 0 (or non-finite); the step "
+                "of the weights is dropped. Lower GradNorm's lr.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
+        self.weight.copy_(proposal * (self.weight.numel() / total))
+
+    def _step_direction(self, grad: Tensor) -> Tensor:
+        """The update ``Δ`` (``w ← w − Δ``) of the weights' optimizer; advances its state."""
+        if self.weight_optimizer == "sgd":
+            return self.lr * grad
+        beta1, beta2 = self.betas
+        self.weight_steps.add_(1)
+        step = int(self.weight_steps)
+        self.exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+        self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        bias1 = 1.0 - beta1**step
+        bias2 = 1.0 - beta2**step
+        denom = self.exp_avg_sq.sqrt() / math.sqrt(bias2) + self.eps
+        return (self.lr / bias1) * self.exp_avg / denom
+
+    # ------------------------------------------------------------------ read-only views
+    @property
+    def loss_weights(self) -> Tensor:
+        """The current weights ``w`` (detached copy), in task order."""
+        if not self.is_bound:
+            raise RuntimeError("GradNorm is not bound to tasks yet")
+        return self.weight.clone()
+
+    def extra_repr(self) -> str:
+        parts = [
+            f"alpha={self.alpha}",
+            f"lr={self.lr}",
+            f"weight_optimizer={self.weight_optimizer!r}",
+        ]
+        base = super().extra_repr()
+        return ", ".join(([base] if base else []) + parts)

@@ -1,0 +1,211 @@
+"""DWA: the weights equal the MTAN formula on a scripted loss sequence, are 1 for two epochs and
+constant within an epoch; windows; checkpoints; skipped and failed steps."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import gradbalance as gb
+from gradbalance.methods import DWA
+from tests.conftest import MultiHeadNet, clone
+
+# scripted per-step losses of 3 tasks: SCRIPT[epoch][step] = (L_0, L_1, L_2)
+SCRIPT = [
+    [(4.0, 2.0, 1.0), (3.0, 2.0, 0.9), (2.6, 1.8, 1.1)],
+    [(2.0, 1.9, 0.8), (1.6, 1.7, 0.9), (1.5, 1.8, 0.7)],
+    [(1.2, 1.7, 0.5), (1.0, 1.5, 0.6), (0.9, 1.6, 0.4)],
+    [(0.8, 1.5, 0.3), (0.7, 1.4, 0.3), (0.7, 1.4, 0.2)],
+    [(0.6, 1.3, 0.2), (0.6, 1.2, 0.2), (0.5, 1.2, 0.1)],
+]
+
+
+def expected_weights(script, temperature=2.0):
+    """The paper's Eq. 7 written out with numpy, from the epoch means of the script."""
+    means = [np.mean(np.array(epoch), axis=0) for epoch in script]
+    out = []
+    for e in range(len(script)):
+        if e < 2:
+            out.append(np.ones(3))
+            continue
+        r = means[e - 1] / means[e - 2]
+        out.append(3 * np.exp(r / temperature) / np.exp(r / temperature).sum())
+    return out
+
+
+def scripted_balancer(**kw):
+    theta = torch.zeros((), requires_grad=True)
+    opt = gb.GradBalancer(torch.optim.SGD([theta], lr=0.0), method="dwa", **kw)
+    return theta, opt
+
+
+def scripted_losses(theta, values):
+    return {f"t{i}": torch.tensor(v) + 0.0 * theta for i, v in enumerate(values)}
+
+
+def run_script(theta, opt, script, end_epochs=True):
+    got = []
+    for epoch in script:
+        ws = []
+        for values in epoch:
+            opt.zero_grad()
+            ws.append(opt.backward(scripted_losses(theta, values)).double())
+            opt.step()
+        got.append(ws)
+        if end_epochs:
+            opt.end_epoch()
+    return got
+
+
+@pytest.mark.parametrize("temperature", [2.0, 0.5])
+def test_weights_equal_the_formula_on_a_scripted_loss_sequence(temperature):
+    theta, opt = scripted_balancer(temperature=temperature)
+    got = run_script(theta, opt, SCRIPT)
+    expected = expected_weights(SCRIPT, temperature)
+    for e, ws in enumerate(got):
+        for w in ws:  # constant within the epoch
+            np.testing.assert_allclose(w.numpy(), expected[e], rtol=1e-6, atol=1e-6)
+    assert all(bool((w == 1).all()) for ws in got[:2] for w in ws)
+    assert float(got[-1][0].sum()) == pytest.approx(3.0)
+    # task 1's loss went down the least, so it gets the largest weight from epoch 2 on
+    assert all(int(ws[0].argmax()) == 1 for ws in got[2:])
+
+
+def test_window_closes_virtual_epochs_every_n_steps():
+    theta, opt = scripted_balancer(window=3)
+    got = run_script(theta, opt, SCRIPT, end_epochs=False)
+    theta2, opt2 = scripted_balancer()
+    ref = run_script(theta2, opt2, SCRIPT)
+    for ws, rs in zip(got, ref):
+        for w, r in zip(ws, rs):
+            assert torch.equal(w, r)
+    # with a window, end_epoch() is a no-op
+    state = {k: v.clone() for k, v in opt.method.state_dict().items() if torch.is_tensor(v)}
+    opt.end_epoch()
+    assert all(torch.equal(v, opt.method.state_dict()[k]) for k, v in state.items())
+
+
+def test_an_epoch_without_steps_is_not_counted():
+    theta, opt = scripted_balancer()
+    run_script(theta, opt, SCRIPT[:1])
+    with pytest.warns(RuntimeWarning, match="no step"):
+        opt.end_epoch()
+    assert int(opt.method.epochs) == 1
+
+
+def test_skipped_step_does_not_count_in_the_epoch_average():
+    theta, opt = scripted_balancer(nonfinite="skip")
+    for e, epoch in enumerate(SCRIPT[:3]):
+        for values in epoch:
+            opt.zero_grad()
+            opt.backward(scripted_losses(theta, values))
+            opt.step()
+            if e == 1:  # a bad step in the middle of epoch 1
+                opt.zero_grad()
+                opt.backward(scripted_losses(theta, (math.nan, 100.0, 100.0)))
+                opt.step()
+        opt.end_epoch()
+    assert opt.skipped_steps == 3
+    opt.zero_grad()
+    w = opt.backward(scripted_losses(theta, (1.0, 1.0, 1.0))).double()
+    np.testing.assert_allclose(w.numpy(), expected_weights(SCRIPT[:4])[3], rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------- state
+def method_state(method):
+    return {k: v.clone() for k, v in method.state_dict().items() if torch.is_tensor(v)}
+
+
+def same_state(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+def test_skipped_or_failed_step_leaves_state_untouched(policy):
+    theta, opt = scripted_balancer(nonfinite=policy)
+    run_script(theta, opt, SCRIPT[:2])
+    opt.zero_grad()
+    opt.backward(scripted_losses(theta, (1.0, 1.0, 1.0)))
+    opt.step()
+    before = method_state(opt.method)
+    opt.zero_grad()
+    bad = scripted_losses(theta, (1.0, math.inf, 1.0))
+    if policy == "skip":
+        opt.backward(bad)
+        opt.step()
+    else:
+        with pytest.raises(gb.NonFiniteError, match="t1"):
+            opt.backward(bad)
+    assert same_state(before, method_state(opt.method))
+
+
+def train(model, opt, start, steps, epoch_every=2):
+    for t in range(start, start + steps):
+        x, y = model.inputs(seed=t)
+        opt.zero_grad()
+        opt.backward(model.losses(x, y))
+        opt.step()
+        if (t + 1) % epoch_every == 0:
+            opt.end_epoch()
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_save_and_resume_bit_identically(window):
+    """Saved in the middle of an epoch (partial sums) after the weights left 1."""
+    base = MultiHeadNet("mlp")
+
+    def make(model):
+        return gb.GradBalancer(
+            torch.optim.Adam(model.parameters(), lr=1e-2),
+            method="dwa",
+            window=window,
+            shared=model.trunk,
+        )
+
+    straight = clone(base)
+    opt = make(straight)
+    train(straight, opt, 0, 11)
+
+    first = clone(base)
+    opt1 = make(first)
+    train(first, opt1, 0, 7)
+    assert int(opt1.method.epoch_steps) == 1
+    buf = io.BytesIO()
+    torch.save({"model": first.state_dict(), "opt": opt1.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    resumed = MultiHeadNet("mlp", seed=3)
+    resumed.load_state_dict(ckpt["model"])
+    opt2 = make(resumed)
+    opt2.load_state_dict(ckpt["opt"])
+    train(resumed, opt2, 7, 4)
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    assert same_state(method_state(opt.method), method_state(opt2.method))
+    assert not torch.equal(opt2.last_weights, torch.ones(3))
+
+
+# ---------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"temperature": 0.0}, "temperature"),
+        ({"temperature": math.inf}, "temperature"),
+        ({"window": 0}, "window"),
+        ({"window": 2.5}, "window"),
+    ],
+)
+def test_argument_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DWA(**kwargs)
+
+
+def test_registry_and_repr():
+    m = gb.methods.get("dwa", temperature=3.0, window=10)
+    assert isinstance(m, DWA)
+    assert "window=10" in repr(m)
+    assert "Liu" in DWA.paper

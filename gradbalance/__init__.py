@@ -10,7 +10,7 @@ Examples:
     >>> opt.step()
 """
 
-from gradbalance import engine, methods
+from gradbalance import data, engine, losses, methods, metrics, models, solvers
 from gradbalance.balancer import GradBalancer
 from gradbalance.errors import (
     GradBalanceError,
@@ -34,6 +34,11 @@ __all__ = [
     "TaskMismatchError",
     "UnreachedParameterError",
     "__version__",
+    "data",
     "engine",
+    "losses",
     "methods",
+    "metrics",
+    "models",
+    "solvers",
 ]

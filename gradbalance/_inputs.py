@@ -1,4 +1,4 @@
-"""Validation of what users pass to :meth:`GradBalancer.backward` (no side effects)."""
+"""Validation of what users pass to `GradBalancer.backward` (no side effects)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 It validates the inputs, asks the engine for what the method needs (losses only, a Gramian of
 the task gradients, ...), asks the method for one weight per task, writes the combined gradient
-into ``.grad`` and, on :meth:`GradBalancer.step`, steps the inner optimizer and then commits the
+into ``.grad`` and, on `GradBalancer.step`, steps the inner optimizer and then commits the
 method's own state update.
 """
 
@@ -25,7 +25,14 @@ from gradbalance.errors import (
     SolverError,
     UnreachedParameterError,
 )
-from gradbalance.methods import FEATURES, KPIS, LAST_SHARED_GRAMIAN, Method, StepInputs
+from gradbalance.methods import (
+    FEATURES,
+    JACOBIAN,
+    KPIS,
+    LAST_SHARED_GRAMIAN,
+    Method,
+    StepInputs,
+)
 from gradbalance.methods import registry as _registry
 
 __all__ = ["GradBalancer"]
@@ -43,11 +50,11 @@ def _describe(t: Tensor, index: int, kind: str) -> str:
 class GradBalancer(Optimizer):
     """Wrap any ``torch.optim`` optimizer so that one step balances several task losses.
 
-    The balancer *is* a :class:`torch.optim.Optimizer`: it shares ``param_groups``, ``state``
+    The balancer *is* a `torch.optim.Optimizer`: it shares ``param_groups``, ``state``
     and ``defaults`` with the inner optimizer, so learning-rate schedulers, gradient clipping,
     ``torch.amp.GradScaler`` and checkpointing work as with the inner optimizer alone.
 
-    A step is ``zero_grad()`` → ``backward(losses)`` → ``step()``. :meth:`backward` writes into
+    A step is ``zero_grad()`` → ``backward(losses)`` → ``step()``. `backward` writes into
     ``.grad``:
 
     * for a *gradient method* (MGDA, ...): ``Jᵀw`` on the shared parameters, where ``J`` holds
@@ -59,18 +66,18 @@ class GradBalancer(Optimizer):
     Args:
         optimizer: the inner optimizer, built on all the model's parameters.
         method: a registered method name (``"equal"``, ``"mgda"``, ...; see
-            :func:`gradbalance.methods.available`) or a :class:`~gradbalance.methods.Method`.
+            `gradbalance.methods.available`) or a `gradbalance.methods.Method`.
         shared: the shared parameters (or a module holding them). Required by gradient methods;
             every shared parameter must be in the inner optimizer.
-        tasks: the task names, in order. Optional: by default the first :meth:`backward` call
+        tasks: the task names, in order. Optional: by default the first `backward` call
             declares them (dict keys, or ``task0, task1, ...`` for a list).
         engine: how per-task gradients are computed: ``"auto"`` (batched where vmap works, else
             loop), ``"loop"``, ``"batched"`` or ``"representation"`` (gradients w.r.t. the
-            ``features=`` passed to :meth:`backward`; forced for methods that require features).
-        nonfinite: ``"raise"`` (default) raises :class:`~gradbalance.NonFiniteError` naming
+            ``features=`` passed to `backward`; forced for methods that require features).
+        nonfinite: ``"raise"`` (default) raises `gradbalance.NonFiniteError` naming
             the task when a loss or gradient is NaN/inf; ``"skip"`` leaves ``.grad`` untouched,
-            turns the next :meth:`step` into a no-op and counts the step in
-            :attr:`skipped_steps`.
+            turns the next `step` into a no-op and counts the step in
+            `skipped_steps`.
         last_shared: the parameters of the last shared layer (GradNorm's ``W``). Default: the
             last shared tensor, with the one before it when the last one is a bias (1-D).
         **method_kwargs: options of the method when ``method`` is a name.
@@ -318,17 +325,17 @@ class GradBalancer(Optimizer):
 
     @property
     def last_weights(self) -> Tensor | None:
-        """The weights of the last :meth:`backward`, in the balancer's task order."""
+        """The weights of the last `backward`, in the balancer's task order."""
         return self._last_weights
 
     @property
     def last_losses(self) -> Tensor | None:
-        """The (detached, float64) losses of the last :meth:`backward`."""
+        """The (detached, float64) losses of the last `backward`."""
         return self._last_losses
 
     @property
     def last_gramian(self) -> Tensor | None:
-        """The Gramian of the last :meth:`backward`, for gradient methods (float64)."""
+        """The Gramian of the last `backward`, for gradient methods (float64)."""
         return self._last_gramian
 
     # ------------------------------------------------------------------ the step
@@ -350,7 +357,7 @@ class GradBalancer(Optimizer):
         """Compute the task weights and accumulate the balanced gradient into ``.grad``.
 
         Nothing (``.grad``, parameters, optimizer or method state) changes unless every check
-        passes; the method's own state changes only when :meth:`step` really steps.
+        passes; the method's own state changes only when `step` really steps.
 
         Args:
             losses: one scalar loss per task: a dict ``{task: loss}`` or a list/tuple.
@@ -361,7 +368,7 @@ class GradBalancer(Optimizer):
                 scales the backward, unscales what the method reads, and on overflow makes the
                 scaler skip the step (method state untouched).
             retain_graph: keep the autograd graph after the backward, as in
-                :meth:`torch.Tensor.backward`.
+                `torch.Tensor.backward`.
 
         Returns:
             The weights, shape ``(K,)``, detached, in the order of ``losses``. NaN when the step
@@ -405,8 +412,8 @@ class GradBalancer(Optimizer):
         """Step the inner optimizer, then commit the method's state update.
 
         Args:
-            closure: optional; re-evaluates the model and calls :meth:`backward` (as in
-                :meth:`torch.optim.Optimizer.step`), returning the loss.
+            closure: optional; re-evaluates the model and calls `backward` (as in
+                `torch.optim.Optimizer.step`), returning the loss.
         """
         result = None
         if closure is not None:
@@ -551,10 +558,20 @@ class GradBalancer(Optimizer):
             return self._nonfinite(
                 f"the gradient of task-specific {bad_params} is not finite", scale, call_order
             )
-        inputs = StepInputs(tasks=tasks, losses=detached, gramian=gram, kpis=kpis, step=self._steps)
+        inputs = StepInputs(
+            tasks=tasks,
+            losses=detached,
+            gramian=gram,
+            kpis=kpis,
+            step=self._steps,
+            jacobian=self._jacobian_for(method, tg.rows, scale),
+        )
         weights = method.weights(inputs).detach()
         self._check_weights(weights, k)
-        combined = _engine.combine(tg.rows, weights)
+        if inputs.jacobian is not None:
+            combined = self._method_combine(method, inputs, weights, tg.rows, scale)
+        else:
+            combined = _engine.combine(tg.rows, weights)
         if representation:
             shared_grads = _engine.backprop_features(
                 features, shared, combined, retain_graph=retain_graph
@@ -581,6 +598,49 @@ class GradBalancer(Optimizer):
         return self._finish(inputs, weights, call_order, gramian=gram)
 
     # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _jacobian_for(
+        method: Method, rows: list[Tensor | None], scale: Tensor | None
+    ) -> tuple[Tensor | None, ...] | None:
+        """The unscaled Jacobian rows for methods that require them, else ``None``."""
+        if JACOBIAN not in method.requires:
+            return None
+        if scale is None:
+            return tuple(rows)
+        return tuple(None if r is None else r / scale.to(r.dtype) for r in rows)
+
+    @staticmethod
+    def _method_combine(
+        method: Method,
+        inputs: StepInputs,
+        weights: Tensor,
+        rows: list[Tensor | None],
+        scale: Tensor | None,
+    ) -> list[Tensor | None]:
+        """The method's own update from the (unscaled) rows, checked and rescaled for AMP."""
+        combined = list(method.combine(inputs, weights))
+        if len(combined) != len(rows):
+            raise SolverError(
+                f"method {method.name!r} combined {len(combined)} tensors, expected {len(rows)}"
+            )
+        out: list[Tensor | None] = []
+        for i, (c, r) in enumerate(zip(combined, rows)):
+            if r is None or c is None:
+                out.append(None if r is None else torch.zeros_like(r[0]))
+                continue
+            if c.shape != r.shape[1:]:
+                raise SolverError(
+                    f"method {method.name!r} returned shape {tuple(c.shape)} for shared tensor "
+                    f"{i}, expected {tuple(r.shape[1:])}"
+                )
+            c = c.detach().to(r.dtype)
+            if not bool(torch.isfinite(c).all()):
+                raise SolverError(
+                    f"method {method.name!r} returned a non-finite update for shared tensor {i}"
+                )
+            out.append(c if scale is None else c * scale.to(c.dtype))
+        return out
+
     @staticmethod
     def _scale_tensor(scaler: Any, device: torch.device) -> Tensor | None:
         if scaler is None:
@@ -698,7 +758,7 @@ class GradBalancer(Optimizer):
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
-        """Restore a :meth:`state_dict` into this balancer (built like the saved one)."""
+        """Restore a `state_dict` into this balancer (built like the saved one)."""
         if not isinstance(state_dict, Mapping) or not {"optimizer", "method", "balancer"} <= set(
             state_dict
         ):

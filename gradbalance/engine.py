@@ -3,7 +3,7 @@
 Three strategies compute the task Jacobian ``J`` (one row per task):
 
 ``"loop"``
-    ``K`` calls of :func:`torch.autograd.grad`, one per task loss, keeping the graph between
+    ``K`` calls of `torch.autograd.grad`, one per task loss, keeping the graph between
     them. Works for every model; peak memory is one backward's.
 ``"batched"``
     one call with ``is_grads_batched=True``: autograd runs the ``K`` backwards as one vmapped
@@ -161,7 +161,7 @@ def task_gradients(
         retain_graph: keep the graph after the last backward.
 
     Returns:
-        A :class:`TaskGradients`.
+        A `TaskGradients`.
 
     Examples:
         >>> import torch

@@ -1,6 +1,6 @@
 """Exceptions raised by gradbalance.
 
-Every error a user can trigger through bad input derives from :class:`GradBalanceError`, so a
+Every error a user can trigger through bad input derives from `GradBalanceError`, so a
 training loop can catch them all with one ``except``. Each is raised *before* any ``.grad``,
 parameter, optimizer state or method state is modified.
 """

@@ -17,7 +17,7 @@ class RunLogger:
     """Write one row per logged step to ``<directory>/<name>.csv`` (and TensorBoard if present).
 
     Columns are fixed by the first row; later rows may only use those keys (missing ones are
-    left empty). Use as a context manager or call :meth:`close`.
+    left empty). Use as a context manager or call `close`.
 
     Args:
         directory: where the CSV (and the TensorBoard event files) go; created if missing.

@@ -1,6 +1,6 @@
 """A small, transparent training loop used by the command line and the examples.
 
-gradbalance does not own your training loop: :class:`~gradbalance.GradBalancer` drops into any
+gradbalance does not own your training loop: `gradbalance.GradBalancer` drops into any
 loop. This module is the loop our demo, ``gradbalance train`` and the examples share, so that
 their numbers come from one place. Read it as a reference for your own.
 """
@@ -43,12 +43,12 @@ def progress(
 
 @dataclass
 class History:
-    """What :func:`fit` records.
+    """What `fit` records.
 
     Attributes:
         tasks: task names.
         steps: one dict per step: ``step``, ``epoch``, ``loss/<task>``, ``weight/<task>``.
-        epochs: one dict per epoch: ``epoch`` and the metrics :func:`fit`'s ``evaluate`` returned.
+        epochs: one dict per epoch: ``epoch`` and the metrics `fit`'s ``evaluate`` returned.
         seconds_per_step: mean wall time of a training step (forward, balancing, step).
     """
 
@@ -77,11 +77,11 @@ def fit(
     show_progress: bool = True,
     desc: str = "",
 ) -> History:
-    """Train ``model`` for ``epochs`` epochs with ``balancer`` and return the :class:`History`.
+    """Train ``model`` for ``epochs`` epochs with ``balancer`` and return the `History`.
 
     Each batch is ``(x, {task: target})``. When the balancer's method works on the shared
     features, the model must provide ``encode(x)`` and ``decode(z)``; the features are passed
-    to :meth:`GradBalancer.backward`. ``kpi_fn(outputs, targets) -> {task: kpi}`` feeds methods
+    to `GradBalancer.backward`. ``kpi_fn(outputs, targets) -> {task: kpi}`` feeds methods
     that need KPIs (DTP). ``balancer.end_epoch()`` and ``scheduler.step()`` run after each epoch.
 
     Examples:

@@ -96,8 +96,9 @@ def clone(model: nn.Module) -> nn.Module:
 
 def snapshot(model: nn.Module):
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    grads = {n: None if p.grad is None else p.grad.detach().clone()
-             for n, p in model.named_parameters()}
+    grads = {
+        n: None if p.grad is None else p.grad.detach().clone() for n, p in model.named_parameters()
+    }
     return params, grads
 
 

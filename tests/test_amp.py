@@ -22,8 +22,12 @@ def test_amp_recipe_matches_plain_amp_training(method):
     opt_p = torch.optim.SGD(plain.parameters(), lr=0.05)
     scaler_p = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     m = "equal" if method == "equal" else GramianFixed([1.0, 1.0, 1.0])
-    opt_b = gb.GradBalancer(torch.optim.SGD(balanced.parameters(), lr=0.05), method=m,
-                            shared=balanced.trunk, engine="loop")
+    opt_b = gb.GradBalancer(
+        torch.optim.SGD(balanced.parameters(), lr=0.05),
+        method=m,
+        shared=balanced.trunk,
+        engine="loop",
+    )
     scaler_b = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     for t in range(4):
         opt_p.zero_grad()
@@ -44,8 +48,11 @@ def test_amp_recipe_matches_plain_amp_training(method):
 
 def test_gramian_is_unscaled():
     model = MultiHeadNet("mlp")
-    opt = gb.GradBalancer(torch.optim.SGD(model.parameters(), lr=0.0),
-                          method=GramianFixed([1.0] * 3), shared=model.trunk)
+    opt = gb.GradBalancer(
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        method=GramianFixed([1.0] * 3),
+        shared=model.trunk,
+    )
     x, y = model.inputs()
     opt.backward(model.losses(x, y))
     reference = opt.last_gramian
@@ -59,8 +66,7 @@ def test_gramian_is_unscaled():
 def test_overflow_skips_the_step_and_leaves_method_state(method):
     model = MultiHeadNet("mlp")
     m = "equal" if method == "equal" else GramianFixed([1.0, 2.0, 3.0])
-    opt = gb.GradBalancer(torch.optim.SGD(model.parameters(), lr=0.1), method=m,
-                          shared=model.trunk)
+    opt = gb.GradBalancer(torch.optim.SGD(model.parameters(), lr=0.1), method=m, shared=model.trunk)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, growth_interval=1)
     before = snapshot(model)
     opt.zero_grad()

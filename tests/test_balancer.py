@@ -32,8 +32,9 @@ def run_plain(model, make_opt, steps, sched=None):
 
 
 def run_balanced(model, make_opt, steps, method="equal", sched=None, **kw):
-    opt = gb.GradBalancer(make_opt(model.parameters()), method=method,
-                          shared=model.trunk.parameters(), **kw)
+    opt = gb.GradBalancer(
+        make_opt(model.parameters()), method=method, shared=model.trunk.parameters(), **kw
+    )
     s = sched(opt) if sched else None
     for t in range(steps):
         x, y = model.inputs(seed=t)
@@ -83,15 +84,19 @@ def test_gradient_path_with_unit_weights_matches_plain(engine, kind):
 def test_task_specific_parameters_get_their_own_unweighted_gradient():
     model = MultiHeadNet("mlp", num_tasks=2)
     ref = clone(model)
-    opt = gb.GradBalancer(torch.optim.SGD(model.parameters(), lr=0.1),
-                          method=GramianFixed([0.3, 0.7]), shared=model.trunk)
+    opt = gb.GradBalancer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        method=GramianFixed([0.3, 0.7]),
+        shared=model.trunk,
+    )
     x, y = model.inputs()
     opt.zero_grad()
     w = opt.backward(model.losses(x, y))
     assert w.tolist() == pytest.approx([0.3, 0.7])
     losses = ref.losses(x, y)
-    g0 = torch.autograd.grad(losses["t0"], list(ref.parameters()), retain_graph=True,
-                             allow_unused=True)
+    g0 = torch.autograd.grad(
+        losses["t0"], list(ref.parameters()), retain_graph=True, allow_unused=True
+    )
     g1 = torch.autograd.grad(losses["t1"], list(ref.parameters()), allow_unused=True)
     n_trunk = len(list(ref.trunk.parameters()))
     for i, p in enumerate(model.parameters()):
@@ -103,8 +108,12 @@ def test_task_specific_parameters_get_their_own_unweighted_gradient():
 
 def test_weights_follow_the_dict_order_of_the_call():
     model = MultiHeadNet("mlp", num_tasks=2)
-    opt = gb.GradBalancer(torch.optim.SGD(model.parameters(), lr=0.1),
-                          method="fixed", weights={"t0": 1.0, "t1": 2.0}, shared=model.trunk)
+    opt = gb.GradBalancer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        method="fixed",
+        weights={"t0": 1.0, "t1": 2.0},
+        shared=model.trunk,
+    )
     x, y = model.inputs()
     losses = model.losses(x, y)
     assert opt.backward(losses).tolist() == [1.0, 2.0]
@@ -162,8 +171,9 @@ def test_save_and_load_into_fresh_objects_continues_identically(method):
 
     def make(model):
         m = "equal" if method == "equal" else GramianFixed([0.5, 1.0, 2.0])
-        opt = gb.GradBalancer(torch.optim.AdamW(model.parameters(), lr=1e-2), method=m,
-                              shared=model.trunk)
+        opt = gb.GradBalancer(
+            torch.optim.AdamW(model.parameters(), lr=1e-2), method=m, shared=model.trunk
+        )
         return opt, torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)
 
     def train(model, opt, sched, steps, start):
@@ -182,8 +192,9 @@ def test_save_and_load_into_fresh_objects_continues_identically(method):
     opt1, sched1 = make(first)
     train(first, opt1, sched1, 3, 0)
     buf = io.BytesIO()
-    torch.save({"model": first.state_dict(), "opt": opt1.state_dict(),
-                "sched": sched1.state_dict()}, buf)
+    torch.save(
+        {"model": first.state_dict(), "opt": opt1.state_dict(), "sched": sched1.state_dict()}, buf
+    )
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=True)
     resumed = MultiHeadNet("convbn", seed=123)
@@ -217,8 +228,7 @@ def test_state_shared_after_load_state_dict():
 def test_load_rejects_a_different_method():
     model = MultiHeadNet()
     opt = gb.GradBalancer(torch.optim.Adam(model.parameters()), shared=model.trunk)
-    other = gb.GradBalancer(torch.optim.Adam(model.parameters()), method="mean",
-                            shared=model.trunk)
+    other = gb.GradBalancer(torch.optim.Adam(model.parameters()), method="mean", shared=model.trunk)
     with pytest.raises(ValueError, match="equal"):
         other.load_state_dict(opt.state_dict())
 
@@ -244,8 +254,7 @@ def test_zero_grad_and_unused_parameters_stay_none():
     model = MultiHeadNet()
     unused = torch.nn.Linear(3, 3)
     params = [*model.parameters(), *unused.parameters()]
-    opt = gb.GradBalancer(torch.optim.SGD(params, lr=0.1), method=GramianOnes(),
-                          shared=model.trunk)
+    opt = gb.GradBalancer(torch.optim.SGD(params, lr=0.1), method=GramianOnes(), shared=model.trunk)
     x, y = model.inputs()
     opt.backward(model.losses(x, y))
     assert all(p.grad is None for p in unused.parameters())
@@ -299,12 +308,17 @@ def test_mean_and_fixed_weights():
     a, b = clone(base), clone(base)
     x, y = base.inputs()
     opt_a = gb.GradBalancer(torch.optim.SGD(a.parameters(), lr=0.1), method="mean")
-    opt_b = gb.GradBalancer(torch.optim.SGD(b.parameters(), lr=0.1), method="fixed",
-                            weights=[1 / 3] * 3)
+    opt_b = gb.GradBalancer(
+        torch.optim.SGD(b.parameters(), lr=0.1), method="fixed", weights=[1 / 3] * 3
+    )
     assert opt_a.backward(a.losses(x, y)).tolist() == pytest.approx([1 / 3] * 3)
     opt_b.backward(b.losses(x, y))
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa.grad, pb.grad)
     with pytest.raises(ValueError, match="2 entries"):
-        gb.GradBalancer(torch.optim.SGD(a.parameters(), lr=0.1), method="fixed",
-                        weights=[1.0, 2.0], tasks=["a", "b", "c"])
+        gb.GradBalancer(
+            torch.optim.SGD(a.parameters(), lr=0.1),
+            method="fixed",
+            weights=[1.0, 2.0],
+            tasks=["a", "b", "c"],
+        )

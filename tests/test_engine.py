@@ -26,8 +26,13 @@ def test_parameter_gramian_matches_reference(kind, strategy):
     losses = model.losses(x, y)
     j = reference_jacobian(model, losses)
     heads = list(model.heads.parameters())
-    tg = engine.task_gradients(list(losses.values()), list(model.trunk.parameters()), heads,
-                               strategy=strategy, retain_graph=True)
+    tg = engine.task_gradients(
+        list(losses.values()),
+        list(model.trunk.parameters()),
+        heads,
+        strategy=strategy,
+        retain_graph=True,
+    )
     g = engine.gramian(tg.rows, 3)
     torch.testing.assert_close(g, j @ j.T, rtol=1e-5, atol=1e-8)
     assert all(tg.task_reached)
@@ -43,11 +48,18 @@ def test_representation_gramian_matches_feature_jacobian(kind):
     model = MultiHeadNet(kind)
     x, y = model.inputs()
     losses, z = model.losses(x, y, features=True)
-    rows = [torch.autograd.grad(loss, z, retain_graph=True)[0].reshape(-1).double()
-            for loss in losses.values()]
+    rows = [
+        torch.autograd.grad(loss, z, retain_graph=True)[0].reshape(-1).double()
+        for loss in losses.values()
+    ]
     j = torch.stack(rows)
-    tg = engine.task_gradients(list(losses.values()), [z], list(model.heads.parameters()),
-                               strategy="loop", retain_graph=True)
+    tg = engine.task_gradients(
+        list(losses.values()),
+        [z],
+        list(model.heads.parameters()),
+        strategy="loop",
+        retain_graph=True,
+    )
     torch.testing.assert_close(engine.gramian(tg.rows, 3), j @ j.T)
     # backprop of the combined feature gradient equals the weighted parameter gradient
     w = torch.tensor([0.2, 0.3, 0.5])
@@ -67,9 +79,12 @@ def test_engines_agree_through_the_balancer(kind):
     grams = {}
     for strategy in ["loop", "batched", "representation"]:
         model = MultiHeadNet(kind)
-        opt = gb.GradBalancer(torch.optim.SGD(model.parameters(), lr=0.1),
-                              method=GramianFixed([1.0, 1.0, 1.0]), shared=model.trunk,
-                              engine=strategy)
+        opt = gb.GradBalancer(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            method=GramianFixed([1.0, 1.0, 1.0]),
+            shared=model.trunk,
+            engine=strategy,
+        )
         x, y = model.inputs()
         losses, z = model.losses(x, y, features=True)
         opt.backward(losses, features=z)
@@ -107,7 +122,7 @@ def test_probe_falls_back_to_loop_when_vmap_fails(monkeypatch):
 
     monkeypatch.setattr(engine, "_batched", broken)
     w = torch.tensor([1.0, 2.0], requires_grad=True)
-    losses = [w.sum(), (w ** 2).sum()]
+    losses = [w.sum(), (w**2).sum()]
     tg, strategy = engine.probe_batched(losses, [w], [], retain_graph=False)
     assert strategy == "loop"
     torch.testing.assert_close(tg.rows[0], torch.tensor([[1.0, 1.0], [2.0, 4.0]]))
@@ -115,7 +130,7 @@ def test_probe_falls_back_to_loop_when_vmap_fails(monkeypatch):
 
 def test_probe_keeps_batched_when_it_works():
     w = torch.tensor([1.0, 2.0], requires_grad=True)
-    losses = [w.sum(), (w ** 2).sum()]
+    losses = [w.sum(), (w**2).sum()]
     tg, strategy = engine.probe_batched(losses, [w], [], retain_graph=False)
     assert strategy == "batched"
     torch.testing.assert_close(tg.rows[0], torch.tensor([[1.0, 1.0], [2.0, 4.0]]))

@@ -38,8 +38,9 @@ class ReturnsNan(Method):
 
 def make(method, **kw):
     model = MultiHeadNet("mlp")
-    opt = gb.GradBalancer(torch.optim.Adam(model.parameters(), lr=0.1), method=method,
-                          shared=model.trunk, **kw)
+    opt = gb.GradBalancer(
+        torch.optim.Adam(model.parameters(), lr=0.1), method=method, shared=model.trunk, **kw
+    )
     x, y = model.inputs()
     losses, z = model.losses(x, y, features=True)
     opt.backward(losses, features=z, kpis=[0.5, 0.5, 0.5])
@@ -63,23 +64,55 @@ def nan_grad_loss(model):
 
 
 CASES = {
-    "too-few-losses": (lambda m: (list(losses_of(m)[0].values())[:2], None), {},
-                       gb.TaskMismatchError, "2 losses"),
-    "unknown-task": (lambda m: ({**losses_of(m)[0], "t9": losses_of(m)[0]["t0"]}, None), {},
-                     gb.TaskMismatchError, "t9"),
-    "missing-task": (lambda m: ({"t0": losses_of(m)[0]["t0"]}, None), {},
-                     gb.TaskMismatchError, "missing"),
-    "non-scalar": (lambda m: ({**losses_of(m)[0], "t1": torch.ones(3, requires_grad=True)}, None),
-                   {}, gb.LossError, "'t1' has shape"),
-    "detached": (lambda m: ({**losses_of(m)[0], "t2": losses_of(m)[0]["t2"].detach()}, None), {},
-                 gb.LossError, "'t2' does not require grad"),
-    "python-float": (lambda m: ({**losses_of(m)[0], "t0": 1.0}, None), {}, gb.LossError,
-                     "float, not a tensor"),
+    "too-few-losses": (
+        lambda m: (list(losses_of(m)[0].values())[:2], None),
+        {},
+        gb.TaskMismatchError,
+        "2 losses",
+    ),
+    "unknown-task": (
+        lambda m: ({**losses_of(m)[0], "t9": losses_of(m)[0]["t0"]}, None),
+        {},
+        gb.TaskMismatchError,
+        "t9",
+    ),
+    "missing-task": (
+        lambda m: ({"t0": losses_of(m)[0]["t0"]}, None),
+        {},
+        gb.TaskMismatchError,
+        "missing",
+    ),
+    "non-scalar": (
+        lambda m: ({**losses_of(m)[0], "t1": torch.ones(3, requires_grad=True)}, None),
+        {},
+        gb.LossError,
+        "'t1' has shape",
+    ),
+    "detached": (
+        lambda m: ({**losses_of(m)[0], "t2": losses_of(m)[0]["t2"].detach()}, None),
+        {},
+        gb.LossError,
+        "'t2' does not require grad",
+    ),
+    "python-float": (
+        lambda m: ({**losses_of(m)[0], "t0": 1.0}, None),
+        {},
+        gb.LossError,
+        "float, not a tensor",
+    ),
     "single-tensor": (lambda m: (losses_of(m)[0]["t0"], None), {}, gb.LossError, "single tensor"),
-    "nan-loss": (lambda m: ({**losses_of(m)[0], "t2": losses_of(m)[0]["t2"] * float("nan")},
-                            None), {}, gb.NonFiniteError, "'t2'"),
-    "inf-loss": (lambda m: ({**losses_of(m)[0], "t0": losses_of(m)[0]["t0"] + float("inf")},
-                            None), {}, gb.NonFiniteError, "'t0'"),
+    "nan-loss": (
+        lambda m: ({**losses_of(m)[0], "t2": losses_of(m)[0]["t2"] * float("nan")}, None),
+        {},
+        gb.NonFiniteError,
+        "'t2'",
+    ),
+    "inf-loss": (
+        lambda m: ({**losses_of(m)[0], "t0": losses_of(m)[0]["t0"] + float("inf")}, None),
+        {},
+        gb.NonFiniteError,
+        "'t0'",
+    ),
     "nan-gradient": (nan_grad_loss, {}, gb.NonFiniteError, "t1"),
 }
 
@@ -112,8 +145,11 @@ def test_unreached_shared_parameter():
     model = MultiHeadNet("mlp")
     dangling = torch.nn.Linear(2, 2)
     params = [*model.parameters(), *dangling.parameters()]
-    opt = gb.GradBalancer(torch.optim.SGD(params, lr=0.1), method=GramianFixed([1.0] * 3),
-                          shared=[*model.trunk.parameters(), *dangling.parameters()])
+    opt = gb.GradBalancer(
+        torch.optim.SGD(params, lr=0.1),
+        method=GramianFixed([1.0] * 3),
+        shared=[*model.trunk.parameters(), *dangling.parameters()],
+    )
     before = snapshot(model)
     with pytest.raises(gb.UnreachedParameterError, match=r"shared parameter #4 \(shape \(2, 2\)\)"):
         opt.backward(losses_of(model)[0])
@@ -136,8 +172,9 @@ def test_missing_kpis_and_bad_kpis():
 
 def test_missing_and_detached_features():
     model = MultiHeadNet("mlp")
-    opt = gb.GradBalancer(torch.optim.SGD(model.parameters(), lr=0.1), method=NeedsFeatures(),
-                          shared=model.trunk)
+    opt = gb.GradBalancer(
+        torch.optim.SGD(model.parameters(), lr=0.1), method=NeedsFeatures(), shared=model.trunk
+    )
     assert opt.engine == "representation"
     losses, z = losses_of(model)
     with pytest.raises(gb.MissingInputError, match="features="):
@@ -146,14 +183,19 @@ def test_missing_and_detached_features():
         opt.backward(losses, features=z.detach())
     assert all(p.grad is None for p in model.parameters())
     with pytest.raises(ValueError, match="representation"):
-        gb.GradBalancer(torch.optim.SGD(model.parameters(), lr=0.1), method=NeedsFeatures(),
-                        shared=model.trunk, engine="loop")
+        gb.GradBalancer(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            method=NeedsFeatures(),
+            shared=model.trunk,
+            engine="loop",
+        )
 
 
 def test_method_returning_nan_raises_solver_error():
     model = MultiHeadNet("mlp")
-    opt = gb.GradBalancer(torch.optim.SGD(model.parameters(), lr=0.1), method=ReturnsNan(),
-                          shared=model.trunk)
+    opt = gb.GradBalancer(
+        torch.optim.SGD(model.parameters(), lr=0.1), method=ReturnsNan(), shared=model.trunk
+    )
     with pytest.raises(gb.SolverError, match="non-finite weights"):
         opt.backward(losses_of(model)[0])
     assert all(p.grad is None for p in model.parameters())
@@ -185,8 +227,9 @@ def test_constructor_validation():
 def test_nonfinite_skip(method):
     m = "equal" if method == "equal" else GramianFixed([1.0, 2.0, 3.0])
     model = MultiHeadNet("mlp")
-    opt = gb.GradBalancer(torch.optim.Adam(model.parameters(), lr=0.1), method=m,
-                          shared=model.trunk, nonfinite="skip")
+    opt = gb.GradBalancer(
+        torch.optim.Adam(model.parameters(), lr=0.1), method=m, shared=model.trunk, nonfinite="skip"
+    )
     losses, _ = losses_of(model)
     opt.zero_grad()
     opt.backward(losses)

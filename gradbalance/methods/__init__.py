@@ -1,4 +1,4 @@
-"""Balancing methods: one module per method, all behind :class:`Method` and one registry.
+"""Balancing methods: one module per method, all behind `Method` and one registry.
 
 ``gb.methods.available()`` lists the registered names, ``gb.methods.get(name, **kwargs)`` builds
 one, and every class is importable from here (``gb.methods.Equal()``).
@@ -7,6 +7,7 @@ one, and every class is importable from here (``gb.methods.Equal()``).
 from gradbalance.methods.base import (
     FEATURES,
     GRAMIAN,
+    JACOBIAN,
     KPIS,
     LAST_SHARED_GRAMIAN,
     LOSSES,
@@ -19,6 +20,7 @@ from gradbalance.methods.equal import Equal
 from gradbalance.methods.fixed import Fixed
 from gradbalance.methods.gradnorm import GradNorm
 from gradbalance.methods.mean import Mean
+from gradbalance.methods.mgda import MGDA, MGDAUB
 from gradbalance.methods.registry import available, get, get_class, register
 from gradbalance.methods.uncertainty import Uncertainty
 
@@ -27,9 +29,12 @@ __all__ = [
     "DWA",
     "FEATURES",
     "GRAMIAN",
+    "JACOBIAN",
     "KPIS",
     "LAST_SHARED_GRAMIAN",
     "LOSSES",
+    "MGDA",
+    "MGDAUB",
     "Equal",
     "Fixed",
     "GradNorm",

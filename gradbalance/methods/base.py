@@ -4,16 +4,16 @@ A method is a map from a few small things to one weight per task::
 
     losses (K,) + Gramian (K, K) + optional KPIs / step  ->  weights (K,)
 
-:class:`Method` is an :class:`torch.nn.Module` so that its state (learnable log-variances, loss
+`Method` is an `torch.nn.Module` so that its state (learnable log-variances, loss
 histories, random-generator state, ...) lives in parameters, buffers and ``extra_state`` and
 travels through ``state_dict`` / ``load_state_dict`` like any module's.
 
 The life cycle of one training step is split in two phases so that nothing is half-applied when
 an error occurs or a step is skipped:
 
-1. :meth:`Method.weights` computes the weights from :class:`StepInputs`. It must not change any
+1. `Method.weights` computes the weights from `StepInputs`. It must not change any
    state of the method.
-2. :meth:`Method.update` commits the method's own state change (a new history entry, a weight
+2. `Method.update` commits the method's own state change (a new history entry, a weight
    update, ...). The balancer calls it only after the inner optimizer really stepped, so a step
    skipped for a non-finite gradient or by ``torch.amp.GradScaler`` leaves the method untouched.
 """
@@ -30,6 +30,7 @@ from torch import Tensor, nn
 __all__ = [
     "FEATURES",
     "GRAMIAN",
+    "JACOBIAN",
     "KPIS",
     "LAST_SHARED_GRAMIAN",
     "LOSSES",
@@ -47,8 +48,12 @@ FEATURES = "features"
 KPIS = "kpis"
 #: The method reads the Gramian of the task gradients restricted to the last shared layer.
 LAST_SHARED_GRAMIAN = "last_shared_gramian"
+#: The method reads the task gradients themselves (the Jacobian rows, tensor by tensor) and
+#: may build the shared update from them with `Method.combine` (GradDrop, MoCo). Implies
+#: ``GRAMIAN``'s gradient path; not available on the memory-light path.
+JACOBIAN = "jacobian"
 
-_KNOWN_REQUIREMENTS = frozenset({LOSSES, GRAMIAN, FEATURES, KPIS, LAST_SHARED_GRAMIAN})
+_KNOWN_REQUIREMENTS = frozenset({LOSSES, GRAMIAN, FEATURES, KPIS, LAST_SHARED_GRAMIAN, JACOBIAN})
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,10 @@ class StepInputs:
         last_shared_gramian: the Gramian restricted to the last shared layer, or ``None``.
         kpis: one KPI per task in ``[0, 1]`` (``(K,)``, float64), or ``None``.
         step: how many steps the balancer has completed before this one.
+        jacobian: for methods that require `JACOBIAN`, the per-task gradients on the shared
+            parameters (or features) as one tensor of shape ``(K, *p.shape)`` per shared
+            tensor (``None`` where no task reaches it), in the gradients' own dtype; else
+            ``None``. Read-only: do not modify these tensors in place.
     """
 
     tasks: tuple[str, ...]
@@ -72,6 +81,7 @@ class StepInputs:
     last_shared_gramian: Tensor | None = None
     kpis: Tensor | None = None
     step: int = 0
+    jacobian: tuple[Tensor | None, ...] | None = None
 
     @property
     def num_tasks(self) -> int:
@@ -82,17 +92,17 @@ class StepInputs:
 class Method(nn.Module):
     """Base class of the balancing methods.
 
-    Subclasses set the class attributes and implement :meth:`weights`; stateful methods also
-    implement :meth:`update` (and create their parameters/buffers in :meth:`bind`).
+    Subclasses set the class attributes and implement `weights`; stateful methods also
+    implement `update` (and create their parameters/buffers in `bind`).
 
     Class attributes:
         name: the registry name (``"equal"``, ``"mgda"``, ...).
-        requires: what the method reads: a subset of :data:`LOSSES`, :data:`GRAMIAN`,
-            :data:`FEATURES`, :data:`KPIS`, :data:`LAST_SHARED_GRAMIAN`. A method that requires
+        requires: what the method reads: a subset of `LOSSES`, `GRAMIAN`,
+            `FEATURES`, `KPIS`, `LAST_SHARED_GRAMIAN`. A method that requires
             ``GRAMIAN`` or ``FEATURES`` is a *gradient method*: its weights combine the task
             gradients of the shared parameters (``Jᵀw``) while task-specific parameters get their
             own task's gradient. Any other method is a *loss weighting*: the balancer backpropagates
-            ``Σ w_i L_i`` (plus :meth:`extra_loss`) through the whole model, as the papers do.
+            ``Σ w_i L_i`` (plus `extra_loss`) through the whole model, as the papers do.
         paper: the citation of the method's paper.
 
     Examples:
@@ -130,17 +140,17 @@ class Method(nn.Module):
     @classmethod
     def is_gradient_method(cls) -> bool:
         """Whether the method combines task gradients (``Jᵀw``) rather than weighting losses."""
-        return GRAMIAN in cls.requires or FEATURES in cls.requires
+        return bool(cls.requires & {GRAMIAN, FEATURES, JACOBIAN})
 
     # ------------------------------------------------------------------ life cycle
     @property
     def tasks(self) -> tuple[str, ...] | None:
-        """The task names the method is bound to, or ``None`` before :meth:`bind`."""
+        """The task names the method is bound to, or ``None`` before `bind`."""
         return self._tasks
 
     @property
     def is_bound(self) -> bool:
-        """Whether :meth:`bind` has been called."""
+        """Whether `bind` has been called."""
         return self._tasks is not None
 
     def bind(self, tasks: tuple[str, ...]) -> None:
@@ -163,6 +173,20 @@ class Method(nn.Module):
         (e.g. uncertainty weighting's log-variances); the balancer then backpropagates into them.
         """
         raise NotImplementedError
+
+    def combine(self, inputs: StepInputs, weights: Tensor) -> list[Tensor | None]:
+        """The update of the shared parameters (or features) from the task gradients.
+
+        Only called for methods that require `JACOBIAN`, with ``inputs.jacobian`` set; returns
+        one tensor of shape ``p.shape`` (or ``None``) per entry of ``inputs.jacobian``. The
+        default is ``Jᵀw``; methods whose update is not a weighted sum of the task gradients
+        (GradDrop's sign masks, MoCo's tracked gradients) override it. Like `weights` it must
+        not change the method's state: commit state in `update`.
+        """
+        from gradbalance.engine import combine
+
+        assert inputs.jacobian is not None
+        return combine(inputs.jacobian, weights)
 
     def extra_loss(self, inputs: StepInputs) -> Tensor | None:
         """An extra scalar added to ``Σ w_i L_i`` by loss weightings (e.g. a regulariser)."""

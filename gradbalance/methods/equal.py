@@ -15,7 +15,7 @@ __all__ = ["Equal"]
 class Equal(Method):
     """Every task gets weight 1: the update is the gradient of ``Σ_i L_i``.
 
-    This is the baseline every balancing paper compares against. Through :class:`GradBalancer`
+    This is the baseline every balancing paper compares against. Through `GradBalancer`
     it reproduces ``sum(losses).backward()`` followed by the inner optimizer's step exactly, at
     the cost of one ordinary backward.
 

@@ -15,7 +15,7 @@ __all__ = ["Mean"]
 class Mean(Method):
     """Every task gets weight ``1/K``: the update is the gradient of the mean task loss.
 
-    Identical in direction to :class:`~gradbalance.methods.Equal`, ``K`` times smaller, which
+    Identical in direction to `gradbalance.methods.Equal`, ``K`` times smaller, which
     matters for optimizers that are not scale invariant (SGD) and for learning-rate tuning.
 
     Examples:

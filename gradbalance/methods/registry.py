@@ -18,7 +18,7 @@ def _normalise(name: str) -> str:
 
 
 def register(cls: M) -> M:
-    """Class decorator that registers a :class:`Method` subclass under ``cls.name``.
+    """Class decorator that registers a `Method` subclass under ``cls.name``.
 
     Examples:
         >>> from gradbalance.methods import Method, register

@@ -1,0 +1,90 @@
+"""Shared builders for the model-zoo tests: tiny widths, 32×32 images, batch 2."""
+
+from __future__ import annotations
+
+import torch
+
+from gradbalance import models
+from gradbalance.losses import task_loss
+
+WIDTH = 1 / 16
+IMAGE = 32
+BATCH = 2
+
+#: Every SegNet-family registry name (image models taking width=).
+IMAGE_MODELS = [
+    "segnet",
+    "split",
+    "split-wide",
+    "split-deep",
+    "dense",
+    "stan",
+    "mtan",
+    "mtan-resnet",
+    "cross-stitch",
+    "nddr-cnn",
+    "pad-net",
+]
+
+#: Task sets every image model is checked with.
+IMAGE_TASK_SETS = {
+    "nyuv2": dict(models.NYUV2_TASKS),
+    "cityscapes": dict(models.CITYSCAPES_TASKS),
+    "one": {"depth": 1},
+    "mixed": {"seg": 4, "scene": ("classification", 5), "age": ("regression", 2)},
+}
+
+
+def build(name: str, tasks=None, **kw):
+    """A small instance of a registered model."""
+    torch.manual_seed(0)
+    if name == "mmoe":
+        return models.create(name, tasks, in_features=6, num_experts=3, **kw)
+    if name == "multilenet":
+        return models.create(name, tasks, **kw)
+    return models.create(name, tasks, width=kw.pop("width", WIDTH), **kw)
+
+
+def inputs(name: str, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if name == "mmoe":
+        return torch.randn(BATCH, 6, generator=g)
+    if name == "multilenet":
+        return torch.randn(BATCH, 1, 28, 28, generator=g)
+    return torch.randn(BATCH, 3, IMAGE, IMAGE, generator=g)
+
+
+def target_for(spec: models.TaskSpec, out: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A random target matching a task's output."""
+    g = torch.Generator().manual_seed(seed)
+    if spec.kind in ("segmentation", "classification"):
+        shape = (out.shape[0], *out.shape[2:])
+        t = torch.randint(0, spec.channels, shape, generator=g)
+        if spec.kind == "segmentation":
+            t[..., 0] = -1  # some ignored pixels
+        return t
+    if spec.kind == "depth":
+        t = torch.rand(out.shape, generator=g) + 0.5
+        t[..., 0] = 0.0  # some invalid pixels
+        return t
+    if spec.kind == "normal":
+        t = torch.nn.functional.normalize(torch.randn(out.shape, generator=g), dim=1)
+        t[..., 0] = 0.0
+        return t
+    return torch.randn(out.shape, generator=g)
+
+
+def task_losses(model, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One loss per task of ``model.all_tasks`` (PAD-Net: with deep supervision)."""
+    if isinstance(model, models.PADNet):
+        outputs = model.predict(x)
+        specs = {**model.tasks, **model.auxiliary}
+        targets = {
+            t: target_for(s, outputs.initial[t], i) for i, (t, s) in enumerate(specs.items())
+        }
+        return model.deep_supervision_losses(outputs, targets)
+    out = model(x)
+    return {
+        t: task_loss(spec, out[t], target_for(spec, out[t], i))
+        for i, (t, spec) in enumerate(model.tasks.items())
+    }

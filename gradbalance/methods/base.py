@@ -104,6 +104,19 @@ class Method(nn.Module):
             own task's gradient. Any other method is a *loss weighting*: the balancer backpropagates
             ``Σ w_i L_i`` (plus `extra_loss`) through the whole model, as the papers do.
         paper: the citation of the method's paper.
+        stateful: whether the method keeps state of its own beyond the task names (buffers,
+            learnable parameters, a seed, ...) that `state_dict` must carry. ``None`` (default):
+            `gradbalance.methods.describe` infers it.
+        stochastic: whether the method draws random numbers (seeded, reproducible from its
+            state); ``False`` by default.
+        extra_dependencies: the optional packages the method needs (``("cvxpy",)``).
+        scale_invariant: what stays unchanged when every loss, and so every task gradient, is
+            multiplied by the same ``c > 0`` along a whole run (the method's own state updates
+            included, learnable parameters not stepped): ``"weights"`` (the weights; the update
+            is multiplied by ``c``), ``"update"`` (the update of the shared parameters itself),
+            or ``None`` (default: no claim).
+        non_conflicting: whether the update provably has a non-negative inner product with
+            every task gradient (``False`` by default: no claim).
 
     Examples:
         >>> import torch
@@ -122,6 +135,11 @@ class Method(nn.Module):
     name: ClassVar[str] = ""
     requires: ClassVar[frozenset[str]] = frozenset({LOSSES})
     paper: ClassVar[str] = ""
+    stateful: ClassVar[bool | None] = None
+    stochastic: ClassVar[bool] = False
+    extra_dependencies: ClassVar[tuple[str, ...]] = ()
+    scale_invariant: ClassVar[str | None] = None
+    non_conflicting: ClassVar[bool] = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -134,6 +152,11 @@ class Method(nn.Module):
             raise TypeError(
                 f"{cls.__name__}.requires has unknown entries {sorted(unknown)}; "
                 f"use some of {sorted(_KNOWN_REQUIREMENTS)}"
+            )
+        if cls.scale_invariant not in (None, "weights", "update"):
+            raise TypeError(
+                f"{cls.__name__}.scale_invariant must be None, 'weights' or 'update', "
+                f"got {cls.scale_invariant!r}"
             )
 
     # ------------------------------------------------------------------ kind of method

@@ -82,6 +82,8 @@ class DTP(Method):
 
     name = "dtp"
     requires = frozenset({LOSSES, KPIS})
+    stateful = True
+    scale_invariant = "weights"
     paper = (
         "M. Guo, A. Haque, D.-A. Huang, S. Yeung, L. Fei-Fei. Dynamic Task Prioritization for "
         "Multitask Learning. ECCV 2018."

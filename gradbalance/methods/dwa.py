@@ -69,6 +69,8 @@ class DWA(Method):
 
     name = "dwa"
     requires = frozenset({LOSSES})
+    stateful = True
+    scale_invariant = "weights"
     paper = (
         "S. Liu, E. Johns, A. J. Davison. End-to-End Multi-Task Learning with Attention. CVPR 2019."
     )

@@ -30,6 +30,8 @@ class Equal(Method):
 
     name = "equal"
     requires = frozenset({LOSSES})
+    stateful = False
+    scale_invariant = "weights"
     paper = "Baseline (no paper): the unweighted sum of task losses."
 
     def weights(self, inputs: StepInputs) -> Tensor:

@@ -30,6 +30,8 @@ class Fixed(Method):
 
     name = "fixed"
     requires = frozenset({LOSSES})
+    stateful = False
+    scale_invariant = "weights"
     paper = "Baseline (no paper): hand-tuned constant loss weights."
 
     def __init__(self, weights: Sequence[float] | Mapping[str, float]) -> None:

@@ -96,6 +96,7 @@ class GradNorm(Method):
 
     name = "gradnorm"
     requires = frozenset({LOSSES, LAST_SHARED_GRAMIAN})
+    stateful = True
     paper = (
         "Z. Chen, V. Badrinarayanan, C.-Y. Lee, A. Rabinovich. GradNorm: Gradient Normalization "
         "for Adaptive Loss Balancing in Deep Multitask Networks. ICML 2018."

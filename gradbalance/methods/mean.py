@@ -26,6 +26,8 @@ class Mean(Method):
 
     name = "mean"
     requires = frozenset({LOSSES})
+    stateful = False
+    scale_invariant = "weights"
     paper = "Baseline (no paper): the mean of the task losses."
 
     def weights(self, inputs: StepInputs) -> Tensor:

@@ -95,6 +95,9 @@ class MGDA(_MinNorm):
 
     name = "mgda"
     requires = frozenset({LOSSES, GRAMIAN})
+    stateful = False
+    scale_invariant = "weights"
+    non_conflicting = True
     paper = _PAPER
 
 
@@ -125,4 +128,7 @@ class MGDAUB(_MinNorm):
 
     name = "mgda-ub"
     requires = frozenset({LOSSES, GRAMIAN, FEATURES})
+    stateful = False
+    scale_invariant = "weights"
+    non_conflicting = True
     paper = _PAPER

@@ -105,6 +105,8 @@ class Uncertainty(Method):
 
     name = "uncertainty"
     requires = frozenset({LOSSES})
+    stateful = True
+    scale_invariant = "weights"
     paper = (
         "A. Kendall, Y. Gal, R. Cipolla. Multi-Task Learning Using Uncertainty to Weigh Losses "
         "for Scene Geometry and Semantics. CVPR 2018."

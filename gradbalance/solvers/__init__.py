@@ -15,8 +15,16 @@ Examples:
     tensor([0.2000, 0.8000])
 """
 
+from gradbalance.solvers.conic import cagrad_weights, nash_bargaining
 from gradbalance.solvers.min_norm import min_norm, min_norm_gap
 from gradbalance.solvers.qp import nonneg_qp
 from gradbalance.solvers.simplex import project_simplex
 
-__all__ = ["min_norm", "min_norm_gap", "nonneg_qp", "project_simplex"]
+__all__ = [
+    "cagrad_weights",
+    "min_norm",
+    "min_norm_gap",
+    "nash_bargaining",
+    "nonneg_qp",
+    "project_simplex",
+]

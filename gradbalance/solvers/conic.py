@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from gradbalance.errors import NonFiniteError, SolverError
+from gradbalance.solvers._threads import cpu_single_thread
 from gradbalance.solvers.min_norm import min_norm
 from gradbalance.solvers.qp import nonneg_qp
 
@@ -83,6 +84,7 @@ def cagrad_weights(G: Tensor, c: float, *, return_gap: Literal[False] = ...) -> 
 def cagrad_weights(G: Tensor, c: float, *, return_gap: Literal[True]) -> tuple[Tensor, Tensor]: ...
 
 
+@cpu_single_thread
 def cagrad_weights(
     G: Tensor, c: float, *, return_gap: bool = False
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -377,6 +379,7 @@ def nash_bargaining(
 ) -> tuple[Tensor, Tensor]: ...
 
 
+@cpu_single_thread
 def nash_bargaining(
     G: Tensor,
     *,

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from gradbalance.errors import NonFiniteError
+from gradbalance.solvers._threads import cpu_single_thread
 from gradbalance.solvers.qp import (
     _RIDGE,
     _default_max_iter,
@@ -185,6 +186,7 @@ def min_norm(
 ) -> tuple[Tensor, Tensor]: ...
 
 
+@cpu_single_thread
 def min_norm(
     G: Tensor,
     *,

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from gradbalance.errors import NonFiniteError
+from gradbalance.solvers._threads import cpu_single_thread
 
 __all__ = ["nonneg_qp"]
 
@@ -221,6 +222,7 @@ def nonneg_qp(
 ) -> tuple[Tensor, Tensor]: ...
 
 
+@cpu_single_thread
 def nonneg_qp(
     Q: Tensor,
     b: Tensor,

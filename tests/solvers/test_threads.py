@@ -1,0 +1,61 @@
+"""The solvers run with one intra-op thread on CPU and restore the caller's setting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gradbalance.solvers import cagrad_weights, min_norm, nash_bargaining, nonneg_qp
+from gradbalance.solvers._threads import cpu_single_thread
+
+
+def test_one_thread_inside_and_restored_after(monkeypatch):
+    seen = []
+
+    @cpu_single_thread
+    def probe(x):
+        seen.append(torch.get_num_threads())
+        return x
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        probe(torch.zeros(1))
+        assert seen == [1]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_restored_when_the_solver_raises():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(ValueError):
+            min_norm(torch.zeros(2, 3))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    "solve",
+    [
+        lambda G: min_norm(G),
+        lambda G: nonneg_qp(G, torch.ones(G.shape[-1], dtype=G.dtype)),
+        lambda G: cagrad_weights(G, 0.5),
+        lambda G: nash_bargaining(G)[0],
+    ],
+)
+def test_results_do_not_depend_on_the_thread_count(solve):
+    J = torch.randn(5, 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    G = J @ J.T
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        a = solve(G)
+        torch.set_num_threads(1)
+        b = solve(G)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(a, b)

@@ -8,9 +8,10 @@ method's own state update.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from gradbalance import _inputs
+from gradbalance import distributed as _distributed
 from gradbalance import engine as _engine
 from gradbalance.errors import (
     LossError,
@@ -72,14 +74,27 @@ class GradBalancer(Optimizer):
         tasks: the task names, in order. Optional: by default the first `backward` call
             declares them (dict keys, or ``task0, task1, ...`` for a list).
         engine: how per-task gradients are computed: ``"auto"`` (batched where vmap works, else
-            loop), ``"loop"``, ``"batched"`` or ``"representation"`` (gradients w.r.t. the
-            ``features=`` passed to `backward`; forced for methods that require features).
+            loop; ``"memory"`` when ``K × P`` exceeds ``memory_threshold``), ``"loop"``,
+            ``"batched"``, ``"memory"`` (the memory-light Gramian: the ``K × P`` Jacobian is
+            never held at once; not for methods that require the Jacobian) or
+            ``"representation"`` (gradients w.r.t. the ``features=`` passed to `backward`;
+            forced for methods that require features).
         nonfinite: ``"raise"`` (default) raises `gradbalance.NonFiniteError` naming
             the task when a loss or gradient is NaN/inf; ``"skip"`` leaves ``.grad`` untouched,
             turns the next `step` into a no-op and counts the step in
             `skipped_steps`.
         last_shared: the parameters of the last shared layer (GradNorm's ``W``). Default: the
             last shared tensor, with the one before it when the last one is a bias (1-D).
+        distributed: what to synchronise under `torch.distributed` (DDP): ``"auto"``
+            (default: ``"global"`` when a process group with more than one rank is
+            initialised, else ``"off"``), ``"global"`` (the weights and the update of the
+            global batch, on every rank), ``"local"`` (weights from the mean of the rank-local
+            Gramians: ``K × K`` numbers instead of the ``K × P`` Jacobian) or ``"off"``. See
+            `gradbalance.distributed`.
+        process_group: the process group to synchronise over (default: the default group).
+        memory_threshold: Jacobian entries ``K × P`` (``P``: shared parameters) above which
+            ``engine="auto"`` takes the memory-light path; also the most Jacobian entries one
+            group of that path holds at once. Default ``2**27``.
         **method_kwargs: options of the method when ``method`` is a name.
 
     Examples:
@@ -105,6 +120,9 @@ class GradBalancer(Optimizer):
         engine: str = "auto",
         nonfinite: str = "raise",
         last_shared: Iterable[Tensor] | nn.Module | None = None,
+        distributed: str = "auto",
+        process_group: Any = None,
+        memory_threshold: int = _engine.DEFAULT_MEMORY_THRESHOLD,
         **method_kwargs: Any,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
@@ -117,6 +135,17 @@ class GradBalancer(Optimizer):
             raise ValueError(f"engine must be one of {_engine.STRATEGIES}, got {engine!r}")
         if nonfinite not in _NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {_NONFINITE_POLICIES}, got {nonfinite!r}")
+        if distributed not in _distributed.MODES:
+            raise ValueError(
+                f"distributed must be one of {_distributed.MODES}, got {distributed!r}"
+            )
+        if isinstance(memory_threshold, bool) or not isinstance(memory_threshold, int):
+            raise TypeError(f"memory_threshold must be an int, got {memory_threshold!r}")
+        if memory_threshold < 1:
+            raise ValueError(
+                f"memory_threshold must be a positive number of Jacobian entries, "
+                f"got {memory_threshold}"
+            )
         method_obj = self._build_method(method, method_kwargs)
 
         self._initialized = False
@@ -148,6 +177,14 @@ class GradBalancer(Optimizer):
         self._last_weights: Tensor | None = None
         self._last_losses: Tensor | None = None
         self._last_gramian: Tensor | None = None
+        self._distributed_request = distributed
+        self._process_group = process_group
+        self._sync: _distributed.Synchronizer | None = None
+        self._sync_resolved = False
+        self._grad_sync = True
+        self._unsynced = False
+        self._memory_threshold = memory_threshold
+        self._memory_inner = "auto"
         if tasks is not None:
             self._bind(_inputs.validate_task_names(list(tasks)))
         elif method_obj.is_bound:
@@ -178,6 +215,18 @@ class GradBalancer(Optimizer):
                     f"engine='representation' (or 'auto'), got engine={engine_name!r}"
                 )
             return "representation"
+        if engine_name == "memory":
+            if JACOBIAN in method.requires:
+                raise ValueError(
+                    f"method {method.name!r} reads the task gradients themselves (JACOBIAN), "
+                    "which the memory-light engine never holds; use engine='auto', 'loop' or "
+                    "'batched'"
+                )
+            if not method.is_gradient_method():
+                raise ValueError(
+                    f"engine='memory' computes a Gramian, but method {method.name!r} is a loss "
+                    "weighting that needs no Gramian; drop the engine argument"
+                )
         if engine_name == "representation" and not method.is_gradient_method():
             raise ValueError(
                 f"engine='representation' computes a Gramian of feature gradients, but method "
@@ -309,6 +358,22 @@ class GradBalancer(Optimizer):
         return self._strategy
 
     @property
+    def distributed(self) -> str:
+        """The distributed mode in use: ``"global"``, ``"local"`` or ``"off"``.
+
+        ``"auto"`` until the first `backward` resolves it.
+        """
+        if not self._sync_resolved:
+            return self._distributed_request
+        return "off" if self._sync is None else self._sync.mode
+
+    @property
+    def synchronizer(self) -> _distributed.Synchronizer | None:
+        """The `gradbalance.distributed.Synchronizer` in use (its counters say how much was
+        sent), or ``None`` when nothing is synchronised."""
+        return self._sync
+
+    @property
     def shared_parameters(self) -> list[Tensor]:
         """The shared parameters the balancer combines task gradients on."""
         return list(self._shared)
@@ -344,6 +409,39 @@ class GradBalancer(Optimizer):
         self.optimizer.zero_grad(set_to_none=set_to_none)
         self._pending.clear()
         self._skip_next_step = False
+        self._unsynced = False
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate gradients without averaging them over ranks (like DDP's ``no_sync``).
+
+        Inside the block, `backward` still synchronises what the weights need (losses, and for
+        gradient methods the Jacobian rows or Gramian), so the weights of every micro-batch are
+        those of its global batch, but it skips the average of the gradients it writes: they
+        stay rank-local in ``.grad``. The first `backward` after the block averages everything
+        accumulated (``.grad`` is linear in the micro-batches, so the result is exact). Call
+        `step` only after such a `backward`. `torch.nn.parallel.DistributedDataParallel`'s own
+        ``model.no_sync()`` does not affect the balancer (its hooks never fire; see
+        `gradbalance.distributed`). Without a process group this does nothing.
+
+        Examples:
+            >>> import torch, gradbalance as gb
+            >>> model = torch.nn.Linear(3, 2)
+            >>> opt = gb.GradBalancer(torch.optim.SGD(model.parameters(), lr=0.1))
+            >>> opt.zero_grad()
+            >>> with opt.no_sync():
+            ...     out = model(torch.randn(4, 3))
+            ...     _ = opt.backward([out[:, 0].pow(2).mean(), out[:, 1].abs().mean()])
+            >>> out = model(torch.randn(4, 3))
+            >>> _ = opt.backward([out[:, 0].pow(2).mean(), out[:, 1].abs().mean()])
+            >>> opt.step()
+        """
+        previous = self._grad_sync
+        self._grad_sync = False
+        try:
+            yield
+        finally:
+            self._grad_sync = previous
 
     def backward(
         self,
@@ -388,10 +486,22 @@ class GradBalancer(Optimizer):
         scale = self._scale_tensor(scaler, loss_list[0].device)
 
         detached = torch.stack([loss.detach().reshape(()).to(torch.float64) for loss in loss_list])
+        sync = self._synchronizer()
+        if sync is not None:
+            # every rank must take the same branch below: decide on the global losses
+            if kpi_tensor is not None:
+                kpis_here = kpi_tensor.to(device=detached.device, dtype=torch.float64, copy=True)
+                sync.mean_([detached, kpis_here])
+                kpi_tensor = kpis_here.to(kpi_tensor.device)
+            else:
+                sync.mean_([detached])
         finite = torch.isfinite(detached)
         if not bool(finite.all()):
             bad = [tasks[i] for i in range(k) if not bool(finite[i])]
-            return self._nonfinite(f"the loss of task(s) {bad} is not finite", scale, call_order)
+            where = " (on some rank)" if sync is not None else ""
+            return self._nonfinite(
+                f"the loss of task(s) {bad} is not finite{where}", scale, call_order
+            )
 
         if method.is_gradient_method():
             return self._backward_gradient(
@@ -423,6 +533,12 @@ class GradBalancer(Optimizer):
             self._skip_next_step = False
             self._pending.clear()
             return result
+        if self._unsynced:
+            raise RuntimeError(
+                "GradBalancer.step(): .grad still holds rank-local gradients of backward() "
+                "calls made inside no_sync(); call backward() once outside no_sync() before "
+                "step(), so that they are averaged over the ranks"
+            )
         self.optimizer.step()
         for inputs, weights in self._pending:
             self.method.update(inputs, weights)
@@ -450,7 +566,13 @@ class GradBalancer(Optimizer):
             tg = _engine.task_gradients(
                 scaled, self._last_shared, strategy="loop", retain_graph=True
             )
-            last_gram = _engine.gramian(tg.rows, len(tasks))
+            sync = self._sync
+            rows = tg.rows
+            if sync is not None and sync.exact:
+                rows = sync.mean(rows, self._last_shared, (len(tasks),))
+            last_gram = _engine.gramian(rows, len(tasks))
+            if sync is not None and not sync.exact:
+                sync.mean_([last_gram])
             if scale is not None:
                 last_gram = last_gram / scale.to(torch.float64) ** 2
             bad = self._nonfinite_tasks(last_gram, tasks)
@@ -481,6 +603,18 @@ class GradBalancer(Optimizer):
             objective = objective * scale.to(objective.dtype)
         params = [p for p in self._optimizer_params() if p.requires_grad]
         grads = _engine.objective_gradients(objective, params, retain_graph=retain_graph)
+        if self._sync is not None:
+            failed = self._commit(
+                params,
+                grads,
+                [False] * len(params),
+                f"the gradient of the weighted loss of {list(tasks)}",
+                scale,
+                call_order,
+            )
+            if failed is not None:
+                return failed
+            return self._finish(inputs, weights, call_order, gramian=None)
         bad_params = self._nonfinite_params(params, grads)
         if bad_params:
             return self._nonfinite(
@@ -526,12 +660,21 @@ class GradBalancer(Optimizer):
         else:
             if not shared:
                 raise UnreachedParameterError("no shared parameter requires grad")
+            if self._strategy == "auto" and self._wants_memory(k):
+                self._strategy = "memory"
+            if self._strategy == "memory":
+                return self._backward_memory(
+                    tasks, loss_list, detached, kpis, others, scale, retain_graph, call_order
+                )
             if self._strategy == "auto":
                 tg, self._strategy = _engine.probe_batched(loss_list, shared, others, retain_graph)
             else:
                 tg = _engine.task_gradients(
                     loss_list, shared, others, strategy=self._strategy, retain_graph=retain_graph
                 )
+            if self._sync is not None and self._sync.exact:
+                # the global batch's Jacobian is the mean of the ranks' Jacobians
+                tg.rows = self._sync.mean(tg.rows, shared, (k,))
             unreached = [
                 _describe(p, i, "shared")
                 for i, (p, r) in enumerate(zip(shared, tg.rows))
@@ -543,6 +686,13 @@ class GradBalancer(Optimizer):
                     "or check that the model uses it"
                 )
         gram = _engine.gramian(tg.rows, k)
+        sync = self._sync
+        if sync is not None and (representation or not sync.exact):
+            sync.mean_([gram])
+            if representation and sync.exact:
+                # feature gradients of different ranks belong to different samples:
+                # G = Σ_r G_r / R², the Gramian of the global batch's mean loss
+                gram.div_(sync.world_size)
         if scale is not None:
             gram = gram / scale.to(torch.float64) ** 2
         bad = self._nonfinite_tasks(gram, tasks)
@@ -553,7 +703,7 @@ class GradBalancer(Optimizer):
                 scale,
                 call_order,
             )
-        bad_params = self._nonfinite_params(others, tg.others)
+        bad_params = [] if sync is not None else self._nonfinite_params(others, tg.others)
         if bad_params:
             return self._nonfinite(
                 f"the gradient of task-specific {bad_params} is not finite", scale, call_order
@@ -586,16 +736,189 @@ class GradBalancer(Optimizer):
                     f"the features passed to backward() do not depend on {', '.join(unreached)}; "
                     "remove it from shared=... or pass the features computed from it"
                 )
-            bad_params = self._nonfinite_params(shared, shared_grads)
+            bad_params = [] if sync is not None else self._nonfinite_params(shared, shared_grads)
             if bad_params:
                 return self._nonfinite(
                     f"the trunk gradient is not finite in {bad_params}", scale, call_order
                 )
-            self._write(shared, shared_grads)
+            update, update_global = shared_grads, False
         else:
-            self._write(shared, combined)
+            update, update_global = combined, sync is not None and sync.exact
+        if sync is not None:
+            failed = self._commit(
+                [*shared, *others],
+                [*update, *tg.others],
+                [update_global] * len(shared) + [False] * len(others),
+                "the balanced gradient",
+                scale,
+                call_order,
+            )
+            if failed is not None:
+                return failed
+            return self._finish(inputs, weights, call_order, gramian=gram)
+        self._write(shared, update)
         self._write(others, tg.others)
         return self._finish(inputs, weights, call_order, gramian=gram)
+
+    def _wants_memory(self, k: int) -> bool:
+        """Whether ``engine="auto"`` takes the memory-light path for ``k`` tasks."""
+        return (
+            JACOBIAN not in self.method.requires
+            and _engine.jacobian_numel(self._shared, k) > self._memory_threshold
+        )
+
+    def _backward_memory(
+        self,
+        tasks: tuple[str, ...],
+        loss_list: list[Tensor],
+        detached: Tensor,
+        kpis: Tensor | None,
+        others: list[Tensor],
+        scale: Tensor | None,
+        retain_graph: bool,
+        call_order: list[int],
+    ) -> Tensor:
+        """The memory-light gradient path: Gramian group by group, then one weighted backward.
+
+        ``loss_list`` is already scaled by the GradScaler's scale, if any.
+        """
+        k = len(tasks)
+        shared = self._shared
+        sync = self._sync
+        hook = None
+        if sync is not None and sync.exact:
+
+            def hook(rows: list[Tensor | None], tensors: list[Tensor]) -> list[Tensor | None]:
+                return sync.mean(rows, tensors, (k,))
+
+        mg = _engine.memory_gramian(
+            loss_list,
+            shared,
+            others,
+            budget=self._memory_threshold,
+            strategy=self._memory_inner,
+            rows_hook=hook,
+        )
+        self._memory_inner = mg.strategy
+        unreached = [
+            _describe(p, i, "shared") for i, (p, r) in enumerate(zip(shared, mg.reached)) if not r
+        ]
+        if unreached:
+            raise UnreachedParameterError(
+                f"no task loss reaches {', '.join(unreached)}; remove it from shared=... "
+                "or check that the model uses it"
+            )
+        gram = mg.gramian
+        if sync is not None and not sync.exact:
+            sync.mean_([gram])
+        if scale is not None:
+            gram = gram / scale.to(torch.float64) ** 2
+        bad = self._nonfinite_tasks(gram, tasks)
+        if bad:
+            return self._nonfinite(
+                f"the gradient of task(s) {bad} on the shared parameters is not finite",
+                scale,
+                call_order,
+            )
+        inputs = StepInputs(tasks=tasks, losses=detached, gramian=gram, kpis=kpis, step=self._steps)
+        weights = self.method.weights(inputs).detach()
+        self._check_weights(weights, k)
+        update = _engine.weighted_gradients(loss_list, weights, shared, retain_graph=retain_graph)
+        params, grads = [*shared, *others], [*update, *mg.others]
+        if sync is not None:
+            failed = self._commit(
+                params, grads, [False] * len(params), "the balanced gradient", scale, call_order
+            )
+            if failed is not None:
+                return failed
+        else:
+            bad_params = self._nonfinite_params(params, grads)
+            if bad_params:
+                return self._nonfinite(
+                    f"the balanced gradient is not finite in {bad_params}", scale, call_order
+                )
+            self._write(params, grads)
+        return self._finish(inputs, weights, call_order, gramian=gram)
+
+    def _synchronizer(self) -> _distributed.Synchronizer | None:
+        """Resolve ``distributed=`` on the first backward (the process group exists by then)."""
+        if not self._sync_resolved:
+            sync = _distributed.resolve(self._distributed_request, self._process_group)
+            if sync is not None and not sync.exact and JACOBIAN in self.method.requires:
+                raise ValueError(
+                    f"method {self.method.name!r} builds its update from the task gradients "
+                    "themselves (JACOBIAN), which distributed='local' leaves rank-local; use "
+                    "distributed='global'"
+                )
+            self._sync = sync
+            self._sync_resolved = True
+        return self._sync
+
+    def _commit(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor | None],
+        is_global: list[bool],
+        what: str,
+        scale: Tensor | None,
+        call_order: list[int],
+    ) -> Tensor | None:
+        """Average what is still rank-local, check finiteness on every rank alike, write.
+
+        Only used when a `Synchronizer` is active. ``is_global[i]`` marks gradients that are
+        already the same on every rank (computed from averaged rows). Returns the NaN weights
+        of a skipped step, else ``None`` (and ``.grad`` holds the update).
+        """
+        sync = self._sync
+        assert sync is not None
+        device = params[0].device
+        if not self._grad_sync:
+            # inside no_sync(): keep the gradients rank-local; agree only on finiteness
+            bad = self._nonfinite_params(params, grads)
+            if sync.any(bool(bad), device):
+                return self._nonfinite(
+                    f"{what} is not finite in {bad or 'the parameters of another rank'}",
+                    scale,
+                    call_order,
+                )
+            self._write(params, grads)
+            self._unsynced = True
+            return None
+        grads = list(grads)
+        if self._unsynced:
+            # fold in the rank-local gradients accumulated inside no_sync(): .grad is linear
+            # in the micro-batches, so averaging the sum is exact
+            positions = {id(p): i for i, p in enumerate(params)}
+            params = list(params)
+            for q in self._optimizer_params():
+                if q.grad is None:
+                    continue
+                i = positions.get(id(q))
+                if i is None:
+                    params.append(q)
+                    grads.append(q.grad.detach().clone())
+                    positions[id(q)] = len(params) - 1
+                else:
+                    g = grads[i]
+                    grads[i] = q.grad.detach().clone() if g is None else q.grad + g.to(q.dtype)
+            local = list(range(len(params)))
+        else:
+            local = [i for i, done in enumerate(is_global) if not done]
+        reduced = sync.mean([grads[i] for i in local], [params[i] for i in local])
+        for i, g in zip(local, reduced):
+            grads[i] = g
+        bad = self._nonfinite_params(params, grads)
+        if bad:
+            return self._nonfinite(f"{what} is not finite in {bad}", scale, call_order)
+        if self._unsynced:
+            with torch.no_grad():
+                for p, g in zip(params, grads):
+                    if g is not None:
+                        p.grad = g.to(p.dtype).detach()
+            self._unsynced = False
+        else:
+            self._write(params, grads)
+        return None
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -736,6 +1059,17 @@ class GradBalancer(Optimizer):
         hook = getattr(self.method, "end_epoch", None)
         if callable(hook):
             hook()
+
+    def observe(self, losses: Any) -> None:
+        """Pass the losses measured after `step` to methods that learn from them.
+
+        FAMO's exact update compares the losses of one batch before and after the step; call
+        ``opt.observe(losses)`` with the recomputed losses (a dict, list or tuple like
+        `backward`'s) right after ``opt.step()``. A no-op for the other methods.
+        """
+        hook = getattr(self.method, "observe", None)
+        if callable(hook):
+            hook(losses)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]

@@ -336,7 +336,9 @@ def _nash_ccp(
         params["coef"].value = (g.sum(0) + 1.0 / alpha + g @ (1.0 / ga)).numpy()
         alpha_var.value = alpha.numpy()
         try:
-            prob.solve(solver=solver, warm_start=True)
+            # no warm start: the problem object is cached per K, and a warm start would make
+            # the result depend on what was solved before (breaking bit-exact resume)
+            prob.solve(solver=solver, warm_start=False)
         except Exception as e:  # cvxpy raises SolverError and others on failures
             raise SolverError(f"nash_bargaining: cvxpy solver {solver} failed: {e}") from e
         if prob.status not in ("optimal", "optimal_inaccurate") or alpha_var.value is None:

@@ -1,4 +1,4 @@
-"""Wrap your own model: any ``nn.Module`` with a shared part and one head per task.
+"""Wrap your own model: any `nn.Module` with a shared part and one head per task.
 
 Part 1 is the whole integration, ten lines marked ``# (n)``: wrap your optimizer in a
 ``GradBalancer``, tell it which parameters are shared, and hand it one loss per task.
@@ -143,10 +143,23 @@ def part2(steps: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", default="mgda", help="a registered method name")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument(
+        "--method",
+        default="mgda",
+        choices=gb.methods.available(),
+        metavar="METHOD",
+        help="a registered method (`gradbalance list`) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=300, help="training steps of each part (default: %(default)s)"
+    )
     parser.add_argument("--quick", action="store_true", help="30 steps")
-    parser.add_argument("--out", type=Path, default=Path("custom-model-run"), help="checkpoint")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("custom-model-run"),
+        help="folder for the checkpoint (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     steps = 30 if args.quick else args.steps
     part1(args.method, steps, args.out)

@@ -30,15 +30,32 @@ METHOD_OPTIONS = {"uncertainty": {"task_types": "classification"}}
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", default="mgda-ub", help="a registered method name")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--method",
+        default="mgda-ub",
+        choices=gb.methods.available(),
+        metavar="METHOD",
+        help="a registered method (`gradbalance list`) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=10, help="training epochs (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=64, help="samples per step (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--lr", type=float, default=1e-3, help="Adam's learning rate (default: %(default)s)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="data and initialisation seed")
     parser.add_argument("--idx-root", type=Path, help="a folder of MNIST-style IDX files")
     parser.add_argument("--limit", type=int, help="use only the first LIMIT digits per split")
     parser.add_argument("--quick", action="store_true", help="1 epoch on 1,024 digits")
-    parser.add_argument("--out", type=Path, default=Path("multimnist-run"))
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("multimnist-run"),
+        help="folder for steps.csv (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.epochs, args.limit = 1, args.limit or 1024

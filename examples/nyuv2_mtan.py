@@ -47,18 +47,45 @@ METHOD_OPTIONS = {
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, help="NYUv2 folder holding train/ and val/")
-    parser.add_argument("--model", choices=MODELS, default="mtan")
-    parser.add_argument("--method", default="dwa", help="a registered method name")
-    parser.add_argument("--epochs", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--width", type=float, default=1.0, help="channel multiplier")
-    parser.add_argument("--last", type=int, default=10, help="report the mean of the last N")
+    parser.add_argument(
+        "--model", choices=MODELS, default="mtan", help="the network (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--method",
+        default="dwa",
+        choices=gb.methods.available(),
+        metavar="METHOD",
+        help="a registered method (`gradbalance list`) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=200, help="training epochs (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=2, help="images per step (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--lr", type=float, default=1e-4, help="Adam's initial learning rate (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--width", type=float, default=1.0, help="channel multiplier (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--last", type=int, default=10, help="report the mean of the last N (default: %(default)s)"
+    )
     parser.add_argument("--augment", action="store_true", help="random scale-crop and flip")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device (default: %(default)s)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="initialisation and shuffle seed")
     parser.add_argument("--quick", action="store_true", help="tiny fixture, width 1/16, 2 epochs")
-    parser.add_argument("--out", type=Path, default=Path("nyuv2-run"))
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("nyuv2-run"),
+        help="folder for the CSV logs (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.epochs, args.width = 2, 1 / 16
@@ -67,8 +94,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.root is None:
         parser.error("--root is required (or --quick to run on a tiny fixture)")
 
-    train = NYUv2(args.root, "train", augment=args.augment)
-    val = NYUv2(args.root, "val")
+    try:
+        train = NYUv2(args.root, "train", augment=args.augment)
+        val = NYUv2(args.root, "val")
+    except gb.data.DatasetError as exc:
+        parser.error(str(exc))
     generator = torch.Generator().manual_seed(args.seed)
     loader = torch.utils.data.DataLoader(
         train, batch_size=args.batch_size, shuffle=True, generator=generator
@@ -77,6 +107,8 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(args.seed)
     model = gb.models.create(args.model, tasks=gb.models.NYUV2_TASKS, width=args.width)
+    if "features" in gb.methods.get_class(args.method).requires and not model.has_shared_features:
+        parser.error(f"--method {args.method} needs shared features: use it with --model pad-net")
     model.to(args.device)
     optimizer = torch.optim.Adam(model.param_groups(args.lr), lr=args.lr)
     opt = gb.GradBalancer(

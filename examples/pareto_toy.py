@@ -84,57 +84,93 @@ def run(
 
 
 def draw(paths: dict[str, list[list[list[float]]]], scale: float, path: Path) -> None:
+    """One small landscape panel per method (its trajectories, the Pareto set on top) and one
+    objective-space panel with every method."""
+    from matplotlib import patheffects
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(12, 5.2), layout="constrained")
-    ax, bx = fig.subplots(1, 2)
-    grid = torch.linspace(-2.0, 2.0, 161, dtype=torch.float64)
-    xx, yy = torch.meshgrid(grid, grid, indexing="xy")
+    methods = list(paths)
+    cols = min(3, max(1, len(methods)))
+    rows = max(1, math.ceil(len(methods) / cols))
+    fig = Figure(figsize=(5.2 + 2.9 * cols, max(5.6, 2.85 * rows + 0.6)), layout="constrained")
+    grid = fig.add_gridspec(rows, cols + 2)
+    lattice = torch.linspace(-2.0, 2.0, 161, dtype=torch.float64)
+    xx, yy = torch.meshgrid(lattice, lattice, indexing="xy")
     f1, f2 = objectives(torch.stack([xx, yy], -1), scale)
-    ax.contourf(xx, yy, f1 + f2, levels=20, cmap="Greys", alpha=0.35)
-    ax.contour(xx, yy, f1, levels=6, colors="tab:blue", linewidths=0.6, alpha=0.6)
-    ax.contour(xx, yy, f2, levels=6, colors="tab:red", linewidths=0.6, alpha=0.6)
-    ax.plot([-C[0], C[0]], [-C[1], C[1]], color="black", lw=3, label="Pareto set")
+    # The Pareto set / front: thick black with a white outline, drawn above the trajectories.
+    pareto_style = {
+        "color": "black",
+        "lw": 2.5,
+        "zorder": 10,
+        "path_effects": [patheffects.withStroke(linewidth=4.5, foreground="white")],
+    }
     t = torch.linspace(0.0, 1.0, 200, dtype=torch.float64)
     front = objectives((2 * t - 1)[:, None] * C, scale)
-    bx.plot(front[0], front[1], color="black", lw=3, label="Pareto front")
-    for i, (method, runs) in enumerate(paths.items()):
-        color, width = f"C{i % 10}", max(0.8, 2.6 - 0.3 * i)  # earlier methods drawn wider
-        for j, trajectory in enumerate(runs):
+
+    bx = fig.add_subplot(grid[:, cols:])
+    for i, method in enumerate(methods):
+        color = f"C{i % 10}"
+        ax = fig.add_subplot(grid[i // cols, i % cols])
+        ax.contourf(xx, yy, f1 + f2, levels=12, cmap="Greys", alpha=0.25)
+        ax.contour(xx, yy, f1, levels=5, colors="tab:blue", linewidths=0.5, alpha=0.5)
+        ax.contour(xx, yy, f2, levels=5, colors="tab:red", linewidths=0.5, alpha=0.5)
+        ax.plot([-C[0], C[0]], [-C[1], C[1]], **pareto_style)
+        for j, trajectory in enumerate(paths[method]):
             p = torch.tensor(trajectory, dtype=torch.float64)
-            label = method if j == 0 else None
-            ax.plot(p[:, 0], p[:, 1], color=color, lw=width, label=label)
-            ax.plot(p[-1, 0], p[-1, 1], "o", color=color, ms=5)
+            ax.plot(p[:, 0], p[:, 1], color=color, lw=1.6, zorder=5)
+            ax.plot(p[0, 0], p[0, 1], "k^", ms=5, zorder=6)
+            ax.plot(p[-1, 0], p[-1, 1], "o", color=color, mec="black", mew=0.6, ms=6, zorder=11)
             o1, o2 = objectives(p, scale)
-            bx.plot(o1, o2, color=color, lw=width, label=label)
-            bx.plot(o1[-1], o2[-1], "o", color=color, ms=5)
-    starts = torch.tensor([r[0] for r in next(iter(paths.values()))])
-    ax.plot(starts[:, 0], starts[:, 1], "k^", ms=7, label="starts")
-    ax.set(
-        xlim=(-2, 2),
-        ylim=(-2, 2),
+            label = method if j == 0 else None
+            bx.plot(o1, o2, color=color, lw=1.0, alpha=0.45, zorder=3)
+            bx.plot(
+                o1[-1], o2[-1], "o", color=color, mec="black", mew=0.6, ms=7, zorder=12, label=label
+            )
+        ax.set(xlim=(-2, 2), ylim=(-2, 2), aspect="equal", xticks=[-2, 0, 2], yticks=[-2, 0, 2])
+        ax.set_title(method, color=color, fontsize="medium", fontweight="bold")
+        ax.tick_params(labelsize="small")
+    bx.plot(front[0], front[1], label="Pareto front", **pareto_style)
+    bx.set(
+        xlabel="$f_1$",
+        ylabel="$f_2$",
+        title="objective space: trajectories (faint) and end points",
         aspect="equal",
-        xlabel="$x_1$",
-        ylabel="$x_2$",
-        title="trajectories on the landscape (blue: $f_1$, red: $f_2$ contours)",
     )
-    bx.set(xlabel="$f_1$", ylabel="$f_2$", title="trajectories in objective space")
-    ax.legend(fontsize="small", loc="lower right")
-    bx.legend(fontsize="small")
+    bx.legend(fontsize="small", loc="upper right", framealpha=0.9)
     bx.grid(alpha=0.3)
-    fig.savefig(path, dpi=110)
+    fig.suptitle(
+        "Fonseca–Fleming: black = Pareto set / front, ▲ = starts, ● = end points; "
+        "contours of $f_1$ (blue) and $f_2$ (red)",
+        fontsize="medium",
+    )
+    fig.savefig(path, dpi=100)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--methods", nargs="+", help="default: the registered ones of " + " ".join(DEFAULT)
+        "--methods",
+        nargs="+",
+        choices=gb.methods.available(),
+        metavar="METHOD",
+        help="registered methods to draw (default: " + " ".join(DEFAULT) + ")",
     )
-    parser.add_argument("--steps", type=int, default=500)
-    parser.add_argument("--lr", type=float, default=0.2)
-    parser.add_argument("--scale", type=float, default=1.0, help="the scale s of f2")
+    parser.add_argument(
+        "--steps", type=int, default=500, help="SGD steps from each start (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--lr", type=float, default=0.2, help="SGD learning rate (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--scale", type=float, default=1.0, help="the scale s of f2 (default: %(default)s)"
+    )
     parser.add_argument("--quick", action="store_true", help="60 steps from 3 starts")
-    parser.add_argument("--out", type=Path, default=Path("pareto-toy"))
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("pareto-toy"),
+        help="folder for pareto_toy.png (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     steps, starts = (60, STARTS[:3]) if args.quick else (args.steps, STARTS)
     registered = set(gb.methods.available())

@@ -65,7 +65,9 @@ def train(method: str, options: dict, steps: int) -> tuple[dict[str, float], lis
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument(
+        "--steps", type=int, default=300, help="training steps per method (default: %(default)s)"
+    )
     parser.add_argument("--quick", action="store_true", help="30 steps (for smoke tests)")
     args = parser.parse_args()
     steps = 30 if args.quick else args.steps

@@ -7,10 +7,12 @@ any registered model × method × dataset; ``gradbalance list`` shows what is re
 ``gradbalance bench`` runs the scripts of a source checkout's ``benchmarks/`` folder.
 
 `main` never raises ``SystemExit``: it returns the exit status (0 success, 1 failure,
-2 bad command line), so it can be called from Python and tests::
+2 bad command line), so it can be called from Python and tests:
 
-    from gradbalance.cli import main
-    status = main(["demo", "--quick", "--out", "/tmp/demo"])
+```python
+from gradbalance.cli import main
+status = main(["demo", "--quick", "--out", "/tmp/demo"])
+```
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import ast
 import contextlib
 import csv
 import functools
-import inspect
 import logging
 import math
 import os
@@ -51,6 +52,12 @@ BENCHMARKS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 _DEMO_EPOCHS, _DEMO_QUICK_EPOCHS = 30, 2
+
+
+def _shared_gradient_requirements() -> frozenset[str]:
+    from gradbalance.methods import FEATURES, GRAMIAN, JACOBIAN, LAST_SHARED_GRAMIAN
+
+    return frozenset({GRAMIAN, JACOBIAN, FEATURES, LAST_SHARED_GRAMIAN})
 
 
 def _write(text: str = "", stream: Any = None) -> None:
@@ -690,19 +697,28 @@ def _train_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> _D
 def _models_with_features() -> list[str]:
     """Registered models whose class declares ``has_shared_features`` (MGDA-UB works on them)."""
     from gradbalance import models
-    from gradbalance.models import registry
 
-    entries = getattr(registry, "_REGISTRY", {})
-    names = []
-    for name in models.list():
-        factory = entries.get(_model_key(name), (name, None))[1]
-        if isinstance(factory, type) and getattr(factory, "has_shared_features", False):
-            names.append(name)
-    return names
+    return [info.name for info in models.describe() if info.has_shared_features]
+
+
+def _model_hint(model: str, data: str) -> str:
+    """What to try instead when ``model`` cannot be built for ``data``."""
+    from gradbalance import models
+
+    info = models.describe(model)
+    if "in_features" in info.required_options and data != "multimnist":
+        return (
+            f"; {model} predicts one output per sample (classification or regression), so "
+            "among the command's datasets it runs on --data multimnist (flattened images)"
+        )
+    if data == "multimnist":
+        return "; the dense models (SegNet family) run on --data synthetic, nyuv2 or cityscapes"
+    return ""
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from gradbalance import models
+    from gradbalance.errors import GradBalanceError
     from gradbalance.methods import FEATURES, get_class
     from gradbalance.runlog import RunLogger
     from gradbalance.training import TensorLoader, fit, make_evaluator, make_kpi_fn
@@ -727,18 +743,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
     width = args.width or (1 / 16 if args.quick and not data.in_memory else data.defaults["width"])
     out = args.out or Path("gradbalance-runs") / f"{args.data}-{model_name}-{args.method}"
 
+    info = models.describe(model_name)
+    model_kwargs: dict[str, Any] = {}
+    if info.accepts_width:
+        if width is not None:
+            model_kwargs["width"] = width
+    elif args.width is not None:
+        parser.error(f"model {model_name!r} has no width multiplier; drop --width")
+    if "in_features" in info.required_options:  # a per-sample model (MMoE): flattened inputs
+        model_kwargs["in_features"] = data.train[0][0].numel()
+    missing = [o for o in info.required_options if o not in model_kwargs]
+    if missing:
+        parser.error(
+            f"model {model_name!r} needs option(s) {missing} that the command line cannot "
+            f"set; build it in Python with gradbalance.models.create({model_name!r}, ...)"
+        )
+
     torch.manual_seed(args.seed)
     try:
-        try:
-            model = models.create(
-                model_name, tasks=tasks, **({} if width is None else {"width": width})
-            )
-        except TypeError as exc:  # a model without a width multiplier (MMoE)
-            if args.width is not None or width is None or "width" not in str(exc):
-                raise
-            model = models.create(model_name, tasks=tasks)
+        model = models.create(model_name, tasks=tasks, **model_kwargs)
     except (ValueError, TypeError) as exc:
-        parser.error(f"model {model_name!r} cannot be built for --data {args.data}: {exc}")
+        parser.error(
+            f"model {model_name!r} cannot be built for --data {args.data}: {exc}"
+            + _model_hint(model_name, args.data)
+        )
     method_cls = get_class(args.method)
     if FEATURES in method_cls.requires and not model.has_shared_features:
         parser.error(
@@ -746,10 +774,32 @@ def _cmd_train(args: argparse.Namespace) -> int:
             f"which model {model_name!r} does not have; use a model with a shared "
             f"representation, e.g. {', '.join(_models_with_features())}"
         )
+    if method_cls.requires & _shared_gradient_requirements() and not any(
+        True for _ in model.shared_parameters()
+    ):
+        parser.error(
+            f"method {args.method!r} reads the task gradients on the parameters the tasks "
+            f"share, and model {model_name!r} shares none (one independent network per task); "
+            "use a method that needs only the losses (e.g. equal, dwa, uncertainty, famo; "
+            "`gradbalance list` shows what each method needs) or a model with shared "
+            "parameters (e.g. split, mtan, cross-stitch)"
+        )
+    if args.engine == "representation" and not model.has_shared_features:
+        parser.error(
+            f"--engine representation differentiates through the shared features "
+            f"(model.encode / decode), which model {model_name!r} does not have; use "
+            f"--engine auto, or a model with a shared representation, e.g. "
+            f"{', '.join(_models_with_features())}"
+        )
     try:
         device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(
+                "CUDA is not available (no GPU, or this torch was built without CUDA); "
+                "use --device cpu"
+            )
         model.to(device)
-    except (RuntimeError, ValueError) as exc:
+    except (RuntimeError, ValueError, AssertionError) as exc:
         parser.error(f"--device {args.device!r}: {exc}")
     groups = model.param_groups(lr)
     optimizer = (
@@ -766,7 +816,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
             method_kwargs=dict(args.method_arg),
         )
     except (ValueError, TypeError) as exc:
-        parser.error(f"method {args.method!r}: {exc}")
+        hint = ""
+        if isinstance(exc, TypeError) and "argument" in str(exc):
+            hint = (
+                "; pass the method's options with --method-arg KEY=VALUE (e.g. --method-arg "
+                f'weights=[1,2]); `python -c "import gradbalance as gb; '
+                f"help(gb.methods.get_class('{args.method}'))\"` lists them"
+            )
+        parser.error(f"method {args.method!r}: {exc}{hint}")
 
     if data.in_memory:
         x, y = data.train.tensors()
@@ -782,13 +839,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
         test_loader = torch.utils.data.DataLoader(data.test, batch_size=batch_size)
 
     # One forward on a batch first, so that a model that cannot read this data fails clearly.
-    probe_x, _ = next(iter(test_loader))
+    try:
+        probe_x, _ = next(iter(test_loader))
+    except GradBalanceError as exc:  # a broken file of the dataset (DatasetError)
+        raise _CommandError(str(exc)) from None
     try:
         model.eval()
         with torch.no_grad():
             model(probe_x[:2].to(device))
     except (ValueError, RuntimeError, TypeError) as exc:
-        parser.error(f"model {model_name!r} cannot run on --data {args.data} inputs: {exc}")
+        parser.error(
+            f"model {model_name!r} cannot run on --data {args.data} inputs: {exc}"
+            + _model_hint(model_name, args.data)
+        )
 
     scheduler = None
     if "step_size" in data.defaults:
@@ -813,21 +876,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
     )
     out.mkdir(parents=True, exist_ok=True)
     with RunLogger(out, "steps") as run_logger:
-        history = fit(
-            model,
-            balancer,
-            loader,
-            model.deep_supervision_losses if use_deep else _loss_fns(tasks),  # type: ignore[attr-defined]
-            epochs=epochs,
-            evaluate=make_evaluator(test_loader, tasks, device=device),
-            kpi_fn=kpi_fn,
-            scheduler=scheduler,
-            run_logger=run_logger,
-            show_progress=not args.no_progress,
-            desc=f"{model_name} + {args.method}",
-            forward=model.predict if use_deep else None,  # type: ignore[attr-defined]
-            device=device,
-        )
+        try:
+            history = fit(
+                model,
+                balancer,
+                loader,
+                model.deep_supervision_losses if use_deep else _loss_fns(tasks),  # type: ignore[attr-defined]
+                epochs=epochs,
+                evaluate=make_evaluator(test_loader, tasks, device=device),
+                kpi_fn=kpi_fn,
+                scheduler=scheduler,
+                run_logger=run_logger,
+                show_progress=not args.no_progress,
+                desc=f"{model_name} + {args.method}",
+                forward=model.predict if use_deep else None,  # type: ignore[attr-defined]
+                device=device,
+            )
+        except GradBalanceError as exc:  # e.g. a solver failure or a non-finite loss
+            raise _CommandError(
+                f"{model_name} + {args.method} failed during training: {exc} (the steps so "
+                f"far are in {out / 'steps.csv'})"
+            ) from None
     _write_csv(out / "epochs.csv", history.epochs)
     final = history.final
     last_n = min(10, len(history.epochs))
@@ -846,27 +915,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- list
-def _first_sentence(doc: str | None) -> str:
-    para = (doc or "").strip().split("\n\n")[0]
-    text = " ".join(para.split())
-    cut = text.find(". ")
-    return text if cut < 0 else text[: cut + 1]
-
-
 def _cmd_list(args: argparse.Namespace) -> int:
     from gradbalance import methods, models
-    from gradbalance.models import registry
 
     _write("Methods  (GradBalancer(..., method=NAME); gradbalance train --method NAME)")
     _write(str(methods.describe()))
     _write()
     _write("Models  (gradbalance.models.create(NAME); gradbalance train --model NAME)")
-    rows = []
-    entries = getattr(registry, "_REGISTRY", {})
-    for name in models.list():
-        factory = entries.get(_model_key(name), (name, None))[1]
-        rows.append([name, _first_sentence(inspect.getdoc(factory) if factory else "")])
-    _write(_table(["name", "description"], rows, [False, False], wrap_last=True))
+    rows = [
+        [info.name, "yes" if info.has_shared_features else "-", info.summary]
+        for info in models.describe()
+    ]
+    _write(_table(["name", "features", "description"], rows, [False, False, False], wrap_last=True))
+    _write("(features: one shared tensor for mgda-ub and --engine representation)")
     _write()
     _write("Datasets  (gradbalance train --data NAME)")
     rows = [

@@ -2,14 +2,16 @@
 
 The multi-task learning literature since MTAN (Liu, Johns & Davison, *End-to-End Multi-Task
 Learning with Attention*, CVPR 2019) trains on a preprocessed copy of both datasets, one ``.npy``
-file per sample and per task, laid out as::
+file per sample and per task, laid out as:
 
-    root/
-      train/  image/0.npy 1.npy ...   (H, W, 3) float RGB in [0, 1]
-              label/0.npy ...         (H, W) class index stored as float, -1 = ignore
-              depth/0.npy ...         (H, W, 1) float, 0 = invalid (no measurement)
-              normal/0.npy ...        (H, W, 3) float surface normals, 0 = invalid (NYUv2 only)
-      val/    the same
+```text
+root/
+  train/  image/0.npy 1.npy ...   (H, W, 3) float RGB in [0, 1]
+          label/0.npy ...         (H, W) class index stored as float, -1 = ignore
+          depth/0.npy ...         (H, W, 1) float, 0 = invalid (no measurement)
+          normal/0.npy ...        (H, W, 3) float surface normals, 0 = invalid (NYUv2 only)
+  val/    the same
+```
 
 * **NYUv2** (Silberman et al., ECCV 2012): 795 train / 654 val images of indoor scenes at
   288×384, 13 semantic classes, depth and surface normals.

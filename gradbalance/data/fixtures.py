@@ -33,12 +33,14 @@ def write_fixture(
     """Write a tiny dataset in the community's ``.npy`` layout, readable by the loaders.
 
     The samples are `gradbalance.data.SyntheticScenes` (so they are meaningful:
-    labels, depth and normals agree with the image), stored as the MTAN copies store them::
+    labels, depth and normals agree with the image), stored as the MTAN copies store them:
 
-        root/<split>/image/<i>.npy    float32 (H, W, 3) in [0, 1]
-        root/<split>/label/<i>.npy    float32 (H, W), class index, -1 = ignore
-        root/<split>/depth/<i>.npy    float32 (H, W, 1), 0 = invalid
-        root/<split>/normal/<i>.npy   float32 (H, W, 3), 0 = invalid   (NYUv2 only)
+    ```text
+    root/<split>/image/<i>.npy    float32 (H, W, 3) in [0, 1]
+    root/<split>/label/<i>.npy    float32 (H, W), class index, -1 = ignore
+    root/<split>/depth/<i>.npy    float32 (H, W, 1), 0 = invalid
+    root/<split>/normal/<i>.npy   float32 (H, W, 3), 0 = invalid   (NYUv2 only)
+    ```
 
     NYUv2 fixtures have 13 classes; CityScapes fixtures 7 classes, in ``label_7/`` as in the
     MTAN copy, and no normals.

@@ -109,11 +109,13 @@ class MGDAUB(_MinNorm):
     the gradients w.r.t. the shared features $z$ (the encoder's output that every head
     reads): minimising $\|\sum_i \alpha_i \nabla_z L_i\|^2$ minimises an upper bound of
     MGDA's objective and needs only ``K`` backwards through the heads and one through the
-    encoder. Pass the features to `GradBalancer.backward`::
+    encoder. Pass the features to `GradBalancer.backward`:
 
-        z = model.encode(x)
-        out = model.decode(z)
-        opt.backward(losses, features=z)
+    ```python
+    z = model.encode(x)
+    out = model.decode(z)
+    opt.backward(losses, features=z)
+    ```
 
     The Gramian is $G_{ij} = \langle \nabla_z L_i, \nabla_z L_j\rangle$ summed over the
     batch; the shared parameters then receive

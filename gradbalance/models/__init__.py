@@ -1,6 +1,7 @@
 """Reference multi-task models with a common face (see `MultiTaskModel`).
 
-Build them by name with `create` (``list()`` gives the names) or from their classes:
+Build them by name with `create` (`list()` gives the names, `describe()` what each one is)
+or from their classes:
 
 ==================  ===========================================  ==========================
 name                model                                        paper
@@ -21,6 +22,8 @@ name                model                                        paper
 ==================  ===========================================  ==========================
 """
 
+from typing import Any
+
 from gradbalance.models.base import (
     CITYSCAPES_TASKS,
     DENSE_KINDS,
@@ -28,6 +31,7 @@ from gradbalance.models.base import (
     NYUV2_TASKS,
     MultiTaskModel,
     NoSharedFeaturesError,
+    TasksLike,
     TaskSpec,
     parse_tasks,
 )
@@ -38,7 +42,7 @@ from gradbalance.models.mmoe import CENSUS_TASKS, MMoE
 from gradbalance.models.mtan import MTAN, STAN, AttentionModule, SegNetMTAN, resnet_mtan
 from gradbalance.models.nddr import NDDRCNN, NDDRLayer
 from gradbalance.models.padnet import PADNet, PADNetOutput
-from gradbalance.models.registry import create, list, register
+from gradbalance.models.registry import ModelInfo, create, describe, list, register
 from gradbalance.models.segnet import Dense, SegNet, SegNetBackbone, Split
 
 __all__ = [
@@ -55,6 +59,7 @@ __all__ = [
     "CrossStitchUnit",
     "Dense",
     "MMoE",
+    "ModelInfo",
     "MultiLeNet",
     "MultiTaskModel",
     "NDDRLayer",
@@ -68,6 +73,7 @@ __all__ = [
     "TaskHead",
     "TaskSpec",
     "create",
+    "describe",
     "list",
     "parse_tasks",
     "register",
@@ -76,7 +82,7 @@ __all__ = [
 
 
 def _split(variant: str):
-    def build(tasks=None, **kw):
+    def build(tasks: TasksLike = None, **kw: Any) -> Split:
         return Split(tasks, variant=variant, **kw)
 
     build.__doc__ = f"Split ({variant}) on SegNet."

@@ -5,9 +5,11 @@ Reference:
     CVPR 2016.
 
 One network (*column*) per task; after each stage a cross-stitch unit mixes the tasks'
-activations linearly::
+activations linearly:
 
-    x̃_i = Σ_j α_ij x_j                 (one α per task pair, or per pair and channel)
+```text
+x̃_i = Σ_j α_ij x_j                 (one α per task pair, or per pair and channel)
+```
 
 The paper initialises the units near identity, ``α_ii = 0.9`` and ``α_ij = 0.1`` for two tasks
 (here ``α_ij = 0.1 / (T - 1)`` for ``T`` tasks, so each row sums to one), and trains them with a
@@ -179,7 +181,7 @@ class ColumnNet(MultiTaskModel):
 
 
 class CrossStitch(ColumnNet):
-    """Cross-Stitch network: SegNet columns joined by `CrossStitchUnit` s.
+    """Cross-Stitch network: SegNet columns joined by cross-stitch units (`CrossStitchUnit`).
 
     Args:
         tasks: the tasks (default `NYUV2_TASKS`).

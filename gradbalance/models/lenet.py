@@ -4,14 +4,18 @@ Reference:
     Sener, Koltun. *Multi-Task Learning as Multi-Objective Optimization.* NeurIPS 2018
     (MultiMNIST experiments; architecture as in the authors' released code).
 
-Shared LeNet trunk on ``28×28`` single-channel images::
+Shared LeNet trunk on ``28×28`` single-channel images:
 
-    Conv5×5(1 -> 10) -> MaxPool2 -> ReLU -> Conv5×5(10 -> 20) -> Dropout2d -> MaxPool2 -> ReLU
-    -> flatten (320) -> Linear(320 -> 50) -> ReLU
+```text
+Conv5×5(1 -> 10) -> MaxPool2 -> ReLU -> Conv5×5(10 -> 20) -> Dropout2d -> MaxPool2 -> ReLU
+-> flatten (320) -> Linear(320 -> 50) -> ReLU
+```
 
-and one head per task (``left`` and ``right`` digit)::
+and one head per task (``left`` and ``right`` digit):
 
-    Linear(50 -> 50) -> ReLU -> Dropout -> Linear(50 -> 10)          (logits)
+```text
+Linear(50 -> 50) -> ReLU -> Dropout -> Linear(50 -> 10)          (logits)
+```
 
 Deviation: the released code draws its dropout masks by hand without rescaling by
 ``1 / (1 - p)``; here the standard (inverted) `torch.nn.Dropout2d` and

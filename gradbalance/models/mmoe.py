@@ -5,10 +5,12 @@ Reference:
     Multi-gate Mixture-of-Experts.* KDD 2018.
 
 ``E`` shared expert networks ``f_e`` and, per task ``k``, a softmax gate over the experts and a
-tower ``h^k``::
+tower ``h^k``:
 
-    g^k(x) = softmax(W_{g,k} x)                 (E weights summing to one)
-    y_k    = h^k( Σ_e g^k(x)_e f_e(x) )
+```text
+g^k(x) = softmax(W_{g,k} x)                 (E weights summing to one)
+y_k    = h^k( Σ_e g^k(x)_e f_e(x) )
+```
 
 The experts are shared; each task owns its gate and tower. The gates read the input directly,
 so no single tensor carries everything the heads read from the shared part, and
@@ -50,7 +52,8 @@ class MMoE(MultiTaskModel):
         tasks: per-sample tasks (``classification`` or ``regression``); default the census
             tasks `CENSUS_TASKS`. Names that are not standard kinds default to
             classification when given a class count.
-        in_features: input features.
+        in_features: input features; inputs of shape `(B, *)` with `in_features` values per
+            sample (e.g. images) are flattened.
         num_experts: ``E``.
         expert_hidden: hidden sizes of each expert MLP (``Linear-ReLU`` layers); its last size
             is the expert output size.
@@ -103,18 +106,24 @@ class MMoE(MultiTaskModel):
         )
 
     def _check(self, x: Tensor) -> Tensor:
+        """``x`` as ``(B, in_features)``: inputs ``(B, *)`` (images) are flattened."""
+        if isinstance(x, Tensor) and x.dim() > 2:
+            x = x.flatten(1)
         if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != self.in_features:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"MMoE expects inputs of shape (B, {self.in_features}), got {shape}")
+            raise ValueError(
+                f"MMoE expects inputs of shape (B, {self.in_features}) (or (B, *) with "
+                f"{self.in_features} values per sample, flattened), got {shape}"
+            )
         return x
 
     def gates(self, x: Tensor) -> dict[str, Tensor]:
         """Each task's gate weights over the experts, ``(B, E)``."""
-        self._check(x)
+        x = self._check(x)
         return {t: torch.softmax(self.gate[t](x), dim=-1) for t in self.tasks}
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        self._check(x)
+        x = self._check(x)
         experts = torch.stack([e(x) for e in self.experts], dim=1)  # (B, E, H)
         out = {}
         for t, g in self.gates(x).items():

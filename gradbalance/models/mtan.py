@@ -5,10 +5,12 @@ Reference:
 
 A single shared network is the *global feature pool*. For each task ``i`` and each stage ``j``
 a soft attention module computes a mask from the stage's first-layer features ``u^(j)`` and the
-task's previous attended features, and selects from the stage output ``p^(j)``::
+task's previous attended features, and selects from the stage output ``p^(j)``:
 
-    a_i^(j) = h_i^(j)( g_i^(j)( [u^(j) ; f^(j)(â_i^(j-1))] ) )      (mask, in [0, 1])
-    â_i^(j) = a_i^(j) ⊙ p^(j)
+```text
+a_i^(j) = h_i^(j)( g_i^(j)( [u^(j) ; f^(j)(â_i^(j-1))] ) )      (mask, in [0, 1])
+â_i^(j) = a_i^(j) ⊙ p^(j)
+```
 
 with ``g`` = ``Conv1×1-BN-ReLU``, ``h`` = ``Conv1×1-BN-Sigmoid`` (task-specific) and ``f`` a
 ``Conv3×3-BN-ReLU`` block shared by all tasks, followed by pooling in the encoder and preceded

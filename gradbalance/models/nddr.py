@@ -5,9 +5,11 @@ Reference:
     Neural Discriminative Dimensionality Reduction.* CVPR 2019.
 
 One network per task; after each stage, every task's features are concatenated along the
-channels (``T·C``) and each task gets back ``C`` channels through its own NDDR layer::
+channels (``T·C``) and each task gets back ``C`` channels through its own NDDR layer:
 
-    F_i ← ReLU(BN(W_i * [F_1 ; … ; F_T]))        W_i: 1×1 convolution, T·C -> C, no bias
+```text
+F_i ← ReLU(BN(W_i * [F_1 ; … ; F_T]))        W_i: 1×1 convolution, T·C -> C, no bias
+```
 
 ``W_i`` is initialised to favour task ``i``'s own features: ``[β I, …, α I, …, β I]`` with
 ``α = 0.9`` on its own block and ``β = 0.1`` on the other (two tasks; for ``T`` tasks the other

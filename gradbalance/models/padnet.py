@@ -8,11 +8,13 @@ A shared encoder feeds one *initial prediction* branch per task, including auxil
 are only predicted there (the paper predicts surface normals and contours as auxiliary tasks
 for depth and scene parsing). Each branch yields features ``F_k^i`` and a deeply supervised
 intermediate prediction. A multi-modal distillation module then passes messages from every
-other task's features into each main task, and a decoder makes the final prediction::
+other task's features into each main task, and a decoder makes the final prediction:
 
-    F_k^o = F_k^i + Σ_{l≠k} σ(W_{k,l} ⊛ F_l^i) ⊙ F_l^i          ("attention", default)
-    F_k^o = F_k^i + σ(W_k^g ⊛ F_k^i) ⊙ Σ_{l≠k} W_{k,l} ⊛ F_l^i  ("gated", the paper's
-                                                                attention-guided passing)
+```text
+F_k^o = F_k^i + Σ_{l≠k} σ(W_{k,l} ⊛ F_l^i) ⊙ F_l^i          ("attention", default)
+F_k^o = F_k^i + σ(W_k^g ⊛ F_k^i) ⊙ Σ_{l≠k} W_{k,l} ⊛ F_l^i  ("gated", the paper's
+                                                            attention-guided passing)
+```
 
 ``W`` are ``3×3`` convolutions; the sum runs over main and auxiliary tasks.
 

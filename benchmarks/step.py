@@ -14,7 +14,9 @@ two models:
 Engines: loss weightings (equal, uncertainty, DWA, ..., GradNorm) have one path (``-``);
 gradient methods run with ``loop``, ``batched`` and ``representation`` (Gramian of the
 gradients w.r.t. the shared features), plus any other engine `gradbalance.engine.STRATEGIES`
-offers (the memory-light ``memory`` engine, with its default ``memory_threshold``; for MGDA
+offers (``chained``: the exact parameter Jacobian from K head backwards and one vmapped trunk
+backward, given the features, which is what ``engine="auto"`` picks when ``features=`` are
+passed; the memory-light ``memory`` engine, with its default ``memory_threshold``; for MGDA
 also ``memory-min``: ``memory`` with ``memory_threshold = K x`` the largest parameter tensor,
 so that it holds one tensor's Jacobian rows at a time); methods that need the features
 (MGDA-UB) only with ``representation``. An engine the balancer refuses for a method (e.g.
@@ -243,7 +245,8 @@ def _ours(
     )
     tasks = [f"t{i}" for i in range(k)]
     kpis = {t: 0.2 + 0.6 * i / max(k - 1, 1) for i, t in enumerate(tasks)}
-    use_features = engine == "representation"
+    # the chained engine (and what engine="auto" picks when features are given) needs them
+    use_features = engine in ("representation", "chained")
     use_kpis = KPIS in method.requires
 
     def step() -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -23,6 +25,7 @@ from gradbalance import distributed as _distributed
 from gradbalance import engine as _engine
 from gradbalance.errors import (
     LossError,
+    MissingInputError,
     NonFiniteError,
     SolverError,
     UnreachedParameterError,
@@ -49,6 +52,89 @@ def _describe(t: Tensor, index: int, kind: str) -> str:
     return f"{kind} parameter #{index} (shape {tuple(t.shape)})"
 
 
+def _detached_losses(losses: list[Tensor]) -> Tensor:
+    """The losses as one detached float64 vector (one stack, not one copy per loss)."""
+    with torch.no_grad():
+        flat = [loss if loss.dim() == 0 else loss.reshape(()) for loss in losses]
+        if len({loss.dtype for loss in flat}) > 1:
+            flat = [loss.to(torch.float64) for loss in flat]
+        return torch.stack(flat).to(torch.float64)
+
+
+def _weighted_sum(weights: Tensor, losses: list[Tensor]) -> Tensor:
+    """``Σ_i w_i L_i`` in the losses' dtype, differentiable w.r.t. both.
+
+    Losses of one dtype go through one ``stack``, one product and one sum (three autograd
+    nodes whatever ``K``); each loss still receives exactly ``w_i`` as its gradient.
+    """
+    w = weights.to(losses[0].dtype)
+    if len({loss.dtype for loss in losses}) == 1:
+        flat = [loss if loss.dim() == 0 else loss.reshape(()) for loss in losses]
+        return (torch.stack(flat) * w).sum()
+    objective = None
+    for w_i, loss in zip(w.unbind(), losses):
+        term = w_i * loss.reshape(())
+        objective = term if objective is None else objective + term
+    assert objective is not None
+    return objective
+
+
+#: GradScaler's fused kernel: one pass over many tensors that sets ``found_inf`` to 1 when one
+#: holds a NaN or an infinity (private API; absent builds fall back to one check per tensor).
+_FUSED_NONFINITE_CHECK = getattr(torch, "_amp_foreach_non_finite_check_and_unscale_", None)
+
+
+def _fused_flag(tensors: list[Tensor]) -> Tensor:
+    """1 (float32, on the first tensor's device) when one of ``tensors`` is not finite, else 0.
+
+    Raises ``RuntimeError`` / ``NotImplementedError`` where the fused kernel does not apply
+    (sparse or complex tensors, internal overlap such as an expanded tensor, several devices).
+    """
+    device = tensors[0].device
+    found = torch.zeros(1, dtype=torch.float32, device=device)
+    with torch.no_grad():
+        _FUSED_NONFINITE_CHECK(tensors, found, torch.ones(1, dtype=torch.float32, device=device))
+    return found
+
+
+def _all_finite(tensors: Iterable[Tensor | None]) -> bool:
+    """Whether every tensor (``None`` skipped) is free of NaN and infinities, with one host sync.
+
+    GradScaler's fused kernel checks all the tensors in one call, with ``inv_scale = 1`` (the
+    kernel multiplies in place by it, which leaves every value as it is). Where it refuses the
+    list (an expanded or sparse tensor, complex dtypes, several devices), the dense
+    contiguous floating-point tensors are checked one fused call per (device, dtype) group and
+    the others by their own ``isfinite().all()``.
+    """
+    present = [t for t in tensors if t is not None]
+    if not present:
+        return True
+    if _FUSED_NONFINITE_CHECK is not None:
+        try:
+            return not bool(_fused_flag(present))
+        except (RuntimeError, NotImplementedError):
+            pass
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    flags: list[Tensor] = []
+    for t in present:
+        if (
+            _FUSED_NONFINITE_CHECK is not None
+            and t.layout == torch.strided
+            and t.is_floating_point()
+            and t.is_contiguous()
+        ):
+            groups.setdefault((t.device, t.dtype), []).append(t)
+        else:
+            flags.append(torch.isfinite(t).all().logical_not().to(torch.float32).cpu())
+    for group in groups.values():
+        try:
+            found = _fused_flag(group)
+        except (RuntimeError, NotImplementedError):  # pragma: no cover - kernel unavailable
+            found = torch.stack([torch.isfinite(t).all().logical_not() for t in group]).any()
+        flags.append(found.reshape(()).to(torch.float32).cpu())
+    return not bool(torch.stack(flags).any())
+
+
 class GradBalancer(Optimizer):
     """Wrap any ``torch.optim`` optimizer so that one step balances several task losses.
 
@@ -73,12 +159,16 @@ class GradBalancer(Optimizer):
             every shared parameter must be in the inner optimizer.
         tasks: the task names, in order. Optional: by default the first `backward` call
             declares them (dict keys, or ``task0, task1, ...`` for a list).
-        engine: how per-task gradients are computed: ``"auto"`` (batched where vmap works, else
-            loop; ``"memory"`` when ``K × P`` exceeds ``memory_threshold``), ``"loop"``,
-            ``"batched"``, ``"memory"`` (the memory-light Gramian: the ``K × P`` Jacobian is
-            never held at once; not for methods that require the Jacobian) or
-            ``"representation"`` (gradients w.r.t. the ``features=`` passed to `backward`;
-            forced for methods that require features).
+        engine: how per-task gradients are computed: ``"auto"`` (``"memory"`` when ``K × P``
+            exceeds ``memory_threshold``; else ``"chained"`` when ``features=`` are passed to
+            `backward` and the heads reach the shared parameters only through them; else loop
+            on CPU, and batched where vmap works on other devices), ``"loop"``, ``"batched"``,
+            ``"chained"`` (the exact parameter Jacobian from ``K`` head backwards to the
+            ``features=`` and one vmapped trunk backward; loop where it does not apply),
+            ``"memory"`` (the memory-light Gramian: the ``K × P`` Jacobian is never held at
+            once; not for methods that require the Jacobian) or ``"representation"``
+            (gradients w.r.t. the ``features=`` passed to `backward`; forced for methods that
+            require features).
         nonfinite: ``"raise"`` (default) raises `gradbalance.NonFiniteError` naming
             the task when a loss or gradient is NaN/inf; ``"skip"`` leaves ``.grad`` untouched,
             turns the next `step` into a no-op and counts the step in
@@ -160,15 +250,31 @@ class GradBalancer(Optimizer):
         self._shared = self._resolve_params(shared, "shared")
         self._last_shared = self._resolve_last_shared(last_shared)
         if method_obj.is_gradient_method() and not self._shared:
+            if shared is None:
+                fix = "pass shared=model.shared_parameters() (or the trunk module)"
+            else:
+                fix = (
+                    "the shared= you passed holds no parameter that requires grad (an empty "
+                    "module or an exhausted generator?); the tasks must share parameters, "
+                    "or use a method that only weights the losses"
+                )
             raise ValueError(
-                f"method {method_obj.name!r} balances the gradients of the shared "
-                "parameters: pass shared=model.shared_parameters() (or the trunk module)"
+                f"method {method_obj.name!r} balances the gradients of the shared parameters: {fix}"
             )
         if LAST_SHARED_GRAMIAN in method_obj.requires and not self._last_shared:
-            raise ValueError(
-                f"method {method_obj.name!r} needs the last shared layer: pass shared=... "
-                "(its last layer is used) or last_shared=model.last_shared_layer"
-            )
+            if last_shared is not None:
+                fix = "the last_shared= you passed holds no parameter that requires grad"
+            elif shared is not None:
+                fix = (
+                    "the shared= you passed holds no parameter that requires grad; pass "
+                    "last_shared=model.last_shared_layer"
+                )
+            else:
+                fix = (
+                    "pass shared=... (its last layer is used) or "
+                    "last_shared=model.last_shared_layer"
+                )
+            raise ValueError(f"method {method_obj.name!r} needs the last shared layer: {fix}")
         self._tasks: tuple[str, ...] | None = None
         self._steps = 0
         self._skipped = 0
@@ -185,6 +291,11 @@ class GradBalancer(Optimizer):
         self._unsynced = False
         self._memory_threshold = memory_threshold
         self._memory_inner = "auto"
+        # the chained path applies to gradient methods given features= (auto or "chained")
+        self._chained_ok = engine in ("auto", "chained") and self._strategy != "representation"
+        self._chained_batched: bool | None = None
+        self._chained_timing: dict[bool, float] | None = None
+        self._fallback_strategy = "auto"
         if tasks is not None:
             self._bind(_inputs.validate_task_names(list(tasks)))
         elif method_obj.is_bound:
@@ -233,16 +344,41 @@ class GradBalancer(Optimizer):
                 f"{method.name!r} is a loss weighting that needs no Gramian; drop the engine "
                 "argument"
             )
+        if engine_name == "chained" and not method.is_gradient_method():
+            raise ValueError(
+                f"engine='chained' computes the task gradients of the shared parameters, but "
+                f"method {method.name!r} is a loss weighting that needs none; drop the engine "
+                "argument"
+            )
         return engine_name
 
     def _optimizer_params(self) -> list[Tensor]:
+        """The inner optimizer's parameters, each once, in group order.
+
+        Cached between steps; the cache is keyed on the identity and length of every group's
+        parameter list, so `add_param_group`, a replaced or resized ``params`` list or a loaded
+        state dict rebuild it.
+        """
+        groups = self.optimizer.param_groups
+        lists = [group["params"] for group in groups]
+        sizes = [len(params) for params in lists]
+        cache = self.__dict__.get("_params_cache")
+        if (
+            cache is not None
+            and cache[1] == sizes
+            and len(cache[0]) == len(lists)
+            and all(a is b for a, b in zip(cache[0], lists))
+        ):
+            return list(cache[2])
         seen: set[int] = set()
         out = []
-        for group in self.optimizer.param_groups:
+        for group in groups:
             for p in group["params"]:
                 if id(p) not in seen:
                     seen.add(id(p))
                     out.append(p)
+        # the cache holds the lists themselves, so their ids cannot be reused while cached
+        self.__dict__["_params_cache"] = (lists, sizes, tuple(out))
         return out
 
     def _resolve_params(
@@ -334,7 +470,9 @@ class GradBalancer(Optimizer):
         self.optimizer.add_param_group(param_group)
 
     def __getstate__(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        state = dict(self.__dict__)
+        state.pop("_params_cache", None)
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -460,7 +598,9 @@ class GradBalancer(Optimizer):
         Args:
             losses: one scalar loss per task: a dict ``{task: loss}`` or a list/tuple.
             features: the shared representation(s) the heads read, for methods and engines
-                that work on feature gradients (MGDA-UB, ``engine="representation"``).
+                that work on feature gradients (MGDA-UB, ``engine="representation"``). With
+                ``engine="auto"`` or ``"chained"``, parameter-level gradient methods use them
+                to compute the exact parameter Jacobian faster (one trunk backward).
             kpis: one KPI per task in ``[0, 1]``, for methods that need them (DTP).
             scaler: a ``torch.amp.GradScaler``: pass the *unscaled* losses; the balancer
                 scales the backward, unscales what the method reads, and on overflow makes the
@@ -478,14 +618,19 @@ class GradBalancer(Optimizer):
             _inputs.parse_kpis(kpis, tasks, method.name) if KPIS in method.requires else None
         )
         feature_list: list[Tensor] = []
-        if self._strategy == "representation":
+        if self._strategy == "representation" or (
+            self._strategy == "chained" and self._engine_request == "chained"
+        ):
             feature_list = _inputs.as_feature_list(features, method.name)
+        elif features is not None and self._chained_ok and method.is_gradient_method():
+            # engine="auto" uses features only to speed up the Jacobian: unusable ones are ignored
+            with contextlib.suppress(TypeError, LossError, MissingInputError):
+                feature_list = _inputs.as_feature_list(features, method.name)
         if self._tasks is None:
             self._bind(tasks)
-        k = len(tasks)
         scale = self._scale_tensor(scaler, loss_list[0].device)
 
-        detached = torch.stack([loss.detach().reshape(()).to(torch.float64) for loss in loss_list])
+        detached = _detached_losses(loss_list)
         sync = self._synchronizer()
         if sync is not None:
             # every rank must take the same branch below: decide on the global losses
@@ -495,9 +640,9 @@ class GradBalancer(Optimizer):
                 kpi_tensor = kpis_here.to(kpi_tensor.device)
             else:
                 sync.mean_([detached])
-        finite = torch.isfinite(detached)
-        if not bool(finite.all()):
-            bad = [tasks[i] for i in range(k) if not bool(finite[i])]
+        # one host transfer of K numbers, checked in Python (cheaper than isfinite + all)
+        bad = [tasks[i] for i, v in enumerate(detached.tolist()) if not math.isfinite(v)]
+        if bad:
             where = " (on some rank)" if sync is not None else ""
             return self._nonfinite(
                 f"the loss of task(s) {bad} is not finite{where}", scale, call_order
@@ -591,10 +736,7 @@ class GradBalancer(Optimizer):
         )
         weights = method.weights(inputs)
         self._check_weights(weights, len(tasks))
-        objective = None
-        for w, loss in zip(weights.to(loss_list[0].dtype).unbind(), loss_list):
-            term = w * loss.reshape(())
-            objective = term if objective is None else objective + term
+        objective = _weighted_sum(weights, loss_list)
         extra = method.extra_loss(inputs)
         if extra is not None:
             objective = objective + extra
@@ -666,12 +808,11 @@ class GradBalancer(Optimizer):
                 return self._backward_memory(
                     tasks, loss_list, detached, kpis, others, scale, retain_graph, call_order
                 )
-            if self._strategy == "auto":
-                tg, self._strategy = _engine.probe_batched(loss_list, shared, others, retain_graph)
-            else:
-                tg = _engine.task_gradients(
-                    loss_list, shared, others, strategy=self._strategy, retain_graph=retain_graph
-                )
+            tg = None
+            if features and self._chained_ok:
+                tg = self._chained(loss_list, features, shared, others, retain_graph)
+            if tg is None:
+                tg = self._parameter_rows(loss_list, shared, others, retain_graph)
             if self._sync is not None and self._sync.exact:
                 # the global batch's Jacobian is the mean of the ranks' Jacobians
                 tg.rows = self._sync.mean(tg.rows, shared, (k,))
@@ -759,6 +900,112 @@ class GradBalancer(Optimizer):
         self._write(shared, update)
         self._write(others, tg.others)
         return self._finish(inputs, weights, call_order, gramian=gram)
+
+    def _chained(
+        self,
+        loss_list: list[Tensor],
+        features: list[Tensor],
+        shared: list[Tensor],
+        others: list[Tensor],
+        retain_graph: bool,
+    ) -> _engine.TaskGradients | None:
+        """The shared Jacobian by the chained path (`gradbalance.engine.chained_gradients`),
+        or ``None`` (and no more tries) when the heads reach shared parameters other than
+        through the features."""
+        batched = self._chained_batched
+        if batched is None:
+            # first use: try the vmapped trunk backward on a kept graph; settle on K ordinary
+            # trunk backwards if vmap fails or would hit slow fallbacks
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    tg = _engine.chained_gradients(
+                        loss_list, features, shared, others, retain_graph=True
+                    )
+            except (RuntimeError, NotImplementedError) as exc:
+                logger.info("chained engine: vmap through the trunk failed (%s); looping", exc)
+                self._chained_batched = False
+                return self._chained(loss_list, features, shared, others, retain_graph)
+            slow = [w for w in caught if "batching rule" in str(w.message).lower()]
+            for w in caught:
+                if w not in slow:
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            self._chained_batched = not slow
+            if (
+                not slow
+                and tg is not None
+                and loss_list[0].device.type == "cpu"
+                and not torch.are_deterministic_algorithms_enabled()
+            ):
+                # on CPU, K ordinary trunk backwards can beat the vmapped one (MLP trunks):
+                # time one step of each and keep the faster (both give the same Jacobian up to
+                # rounding; under torch.use_deterministic_algorithms(True) we skip the timing
+                # and keep the vmapped trunk, so fresh runs agree bit for bit)
+                self._chained_timing = {}
+        elif self._chained_timing is not None:
+            trial = False in self._chained_timing  # the looped trunk first, then the vmapped
+            start = time.perf_counter()
+            tg = _engine.chained_gradients(
+                loss_list, features, shared, others, retain_graph=retain_graph, batched=trial
+            )
+            self._chained_timing[trial] = time.perf_counter() - start
+            if len(self._chained_timing) == 2:
+                self._chained_batched = self._chained_timing[True] <= self._chained_timing[False]
+                logger.info(
+                    "chained engine: trunk backward %s (timed %.3g s vmapped, %.3g s looped)",
+                    "vmapped" if self._chained_batched else "looped",
+                    self._chained_timing[True],
+                    self._chained_timing[False],
+                )
+                self._chained_timing = None
+        else:
+            tg = _engine.chained_gradients(
+                loss_list, features, shared, others, retain_graph=retain_graph, batched=batched
+            )
+        if tg is None:
+            self._chained_ok = False
+            if self._strategy == "chained":
+                logger.warning(
+                    "gradbalance: engine='chained' needs task losses that reach the shared "
+                    "parameters only through the features passed to backward(); they do not, "
+                    "so the loop engine is used instead"
+                )
+                self._strategy = "loop"
+            return None
+        if self._strategy == "auto":
+            self._strategy = "chained"
+        return tg
+
+    def _parameter_rows(
+        self,
+        loss_list: list[Tensor],
+        shared: list[Tensor],
+        others: list[Tensor],
+        retain_graph: bool,
+    ) -> _engine.TaskGradients:
+        """The shared Jacobian by the loop or batched engine (resolving ``"auto"``)."""
+        strategy = self._strategy
+        if strategy == "chained":
+            # auto settled on the chained path, but this step passed no features
+            strategy = self._fallback_strategy
+        if strategy == "auto":
+            if loss_list[0].device.type == "cpu":
+                # measured (benchmarks/step.py): on CPU, K backwards beat one vmapped backward
+                # at every K on both benchmark models; vmap pays on accelerators. The graph is
+                # kept on this resolving step, as the batched probe keeps it.
+                tg = _engine.task_gradients(
+                    loss_list, shared, others, strategy="loop", retain_graph=True
+                )
+                strategy = "loop"
+            else:
+                tg, strategy = _engine.probe_batched(loss_list, shared, others, retain_graph)
+            self._fallback_strategy = strategy
+            if self._strategy == "auto":
+                self._strategy = strategy
+            return tg
+        return _engine.task_gradients(
+            loss_list, shared, others, strategy=strategy, retain_graph=retain_graph
+        )
 
     def _wants_memory(self, k: int) -> bool:
         """Whether ``engine="auto"`` takes the memory-light path for ``k`` tasks."""
@@ -979,7 +1226,7 @@ class GradBalancer(Optimizer):
         if not isinstance(weights, Tensor) or weights.shape != (k,):
             shape = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
             raise SolverError(f"the method returned weights of shape {shape}, expected ({k},)")
-        if not bool(torch.isfinite(weights.detach()).all()):
+        if not all(math.isfinite(v) for v in weights.detach().tolist()):
             raise SolverError(
                 f"the method returned non-finite weights {weights.detach().tolist()}; "
                 "nothing was applied"
@@ -987,6 +1234,8 @@ class GradBalancer(Optimizer):
 
     @staticmethod
     def _nonfinite_tasks(gram: Tensor, tasks: tuple[str, ...]) -> list[str]:
+        if math.isfinite(gram.sum().item()):  # a finite sum has only finite terms
+            return []
         diag_ok = torch.isfinite(gram).all(dim=1)
         if bool(diag_ok.all()):
             return []
@@ -994,9 +1243,10 @@ class GradBalancer(Optimizer):
 
     @staticmethod
     def _nonfinite_params(params: list[Tensor], grads: list[Tensor | None]) -> list[str]:
-        checks = [(i, g) for i, g in enumerate(grads) if g is not None]
-        if not checks:
+        if _all_finite(grads):
             return []
+        # rare path: name the offending tensors one by one
+        checks = [(i, g) for i, g in enumerate(grads) if g is not None]
         flags = torch.stack([torch.isfinite(g).all() for _, g in checks])
         if bool(flags.all()):
             return []
@@ -1037,9 +1287,10 @@ class GradBalancer(Optimizer):
             for p, g in zip(params, grads):
                 if g is None:
                     continue
-                g = g.to(p.dtype)
+                if g.dtype != p.dtype:
+                    g = g.to(p.dtype)
                 if p.grad is None:
-                    p.grad = g.detach()
+                    p.grad = g.detach() if g.requires_grad else g
                 else:
                     p.grad.add_(g)
 
@@ -1051,6 +1302,8 @@ class GradBalancer(Optimizer):
         self._last_weights = w.to(torch.get_default_dtype())
         self._last_losses = inputs.losses
         self._last_gramian = gramian
+        if all(i == j for i, j in enumerate(call_order)):
+            return self._last_weights.clone()
         return self._last_weights[call_order].clone()
 
     # ------------------------------------------------------------------ epochs
@@ -1088,6 +1341,12 @@ class GradBalancer(Optimizer):
                 "steps": self._steps,
                 "skipped_steps": self._skipped,
                 "engine": self._strategy,
+                # the chained engine's timed choice, so that a resumed run makes the same one
+                "chained_trunk": (
+                    None
+                    if self._chained_batched is None or self._chained_timing is not None
+                    else ("vmapped" if self._chained_batched else "looped")
+                ),
             },
         }
 
@@ -1122,7 +1381,11 @@ class GradBalancer(Optimizer):
         self._steps = int(meta.get("steps", 0))
         self._skipped = int(meta.get("skipped_steps", 0))
         engine_used = meta.get("engine")
-        if self._engine_request == "auto" and engine_used in ("loop", "batched"):
+        if self._engine_request == "auto" and engine_used in ("loop", "batched", "chained"):
             self._strategy = engine_used
+        trunk = meta.get("chained_trunk")
+        if self._chained_ok and trunk in ("vmapped", "looped"):
+            self._chained_batched = trunk == "vmapped"
+            self._chained_timing = None
         self._pending.clear()
         self._skip_next_step = False

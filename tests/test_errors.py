@@ -252,3 +252,16 @@ def test_nonfinite_skip(method):
     opt.backward(losses_of(model, seed=4)[0])
     opt.step()
     assert opt.steps == 2
+
+
+def test_empty_shared_is_told_apart_from_missing_shared():
+    import torch.nn as nn
+
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"pass shared=model\.shared_parameters"):
+        gb.GradBalancer(opt, method="mgda")
+    with pytest.raises(ValueError, match="holds no parameter"):
+        gb.GradBalancer(opt, method="mgda", shared=nn.Sequential())
+    with pytest.raises(ValueError, match="holds no parameter"):
+        gb.GradBalancer(opt, method="gradnorm", shared=iter([]))

@@ -161,6 +161,10 @@ def main(argv: list[str] | None = None) -> None:
         help="folder for the checkpoint (default: %(default)s)",
     )
     args = parser.parse_args(argv)
+    try:
+        gb.methods.get(args.method)
+    except TypeError as exc:  # e.g. "fixed" needs its hand-tuned weights
+        parser.error(f"--method {args.method} cannot be built without options ({exc})")
     steps = 30 if args.quick else args.steps
     part1(args.method, steps, args.out)
     part2(steps)

@@ -116,3 +116,16 @@ def test_pareto_toy(tmp_path, monkeypatch, capsys):
     rows = {line.split()[0]: line.split() for line in out.splitlines()[1:3]}
     # MGDA stops on the Pareto set; equal weighting also ends on it (near an end of the front)
     assert float(rows["mgda"][1]) < 0.05 and float(rows["equal"][1]) < 0.05
+
+
+def test_fixed_weights_run_where_the_example_sets_them_and_fail_clearly_elsewhere(
+    tmp_path, monkeypatch
+):
+    run_example(
+        "multimnist.py", "--quick", "--method", "fixed", monkeypatch=monkeypatch, cwd=tmp_path
+    )
+    with pytest.raises(SystemExit) as info:
+        run_example(
+            "custom_model.py", "--quick", "--method", "fixed", monkeypatch=monkeypatch, cwd=tmp_path
+        )
+    assert info.value.code == 2

@@ -11,13 +11,13 @@ import torch
 from torch import Tensor
 
 from gradbalance.errors import LossError
+from gradbalance.methods._inner_optim import adam_direction, check_options
 from gradbalance.methods._options import per_task
 from gradbalance.methods.base import LOSSES, Method, StepInputs, as_float64
 from gradbalance.methods.registry import register
 
 __all__ = ["FAMO"]
 
-_OPTIMIZERS = ("adam", "sgd")
 # Added to L_i − L_i* before the logarithm, as in the official code.
 _EPS = 1e-8
 
@@ -132,28 +132,17 @@ class FAMO(Method):
         min_losses: float | Sequence[float] | Mapping[str, float] = 0.0,
     ) -> None:
         super().__init__()
-        rate = float(lr)
-        if not math.isfinite(rate) or rate <= 0:
-            raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+        kind, rate, betas_, eps_ = check_options("logit_optimizer", logit_optimizer, lr, betas, eps)
         decay = float(gamma)
         if not math.isfinite(decay) or decay < 0:
             raise ValueError(f"gamma must be a finite non-negative number, got {gamma!r}")
-        if not isinstance(logit_optimizer, str) or logit_optimizer.lower() not in _OPTIMIZERS:
-            raise ValueError(
-                f"logit_optimizer must be one of {_OPTIMIZERS}, got {logit_optimizer!r}"
-            )
-        b1, b2 = (float(b) for b in betas)
-        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
-            raise ValueError(f"betas must lie in [0, 1), got {betas!r}")
-        if not math.isfinite(float(eps)) or float(eps) <= 0:
-            raise ValueError(f"eps must be a positive finite number, got {eps!r}")
         if isinstance(min_losses, (int, float)):
             _finite_float(min_losses)
         self.lr = rate
         self.gamma = decay
-        self.logit_optimizer = logit_optimizer.lower()
-        self.betas = (b1, b2)
-        self.eps = float(eps)
+        self.logit_optimizer = kind
+        self.betas = betas_
+        self.eps = eps_
         self._min_spec = min_losses
         self._min: list[float] = []
 
@@ -214,14 +203,10 @@ class FAMO(Method):
         steps = self.logit_steps + 1
         if self.logit_optimizer == "sgd":
             return self.logits - self.lr * grad, self.exp_avg, self.exp_avg_sq, steps
-        beta1, beta2 = self.betas
-        exp_avg = beta1 * self.exp_avg + (1.0 - beta1) * grad
-        exp_avg_sq = beta2 * self.exp_avg_sq + (1.0 - beta2) * grad * grad
-        t = int(steps)
-        bias1 = 1.0 - beta1**t
-        bias2 = 1.0 - beta2**t
-        denom = exp_avg_sq.sqrt() / math.sqrt(bias2) + self.eps
-        return self.logits - (self.lr / bias1) * exp_avg / denom, exp_avg, exp_avg_sq, steps
+        direction, exp_avg, exp_avg_sq = adam_direction(
+            grad, self.exp_avg, self.exp_avg_sq, int(steps), self.lr, self.betas, self.eps
+        )
+        return self.logits - direction, exp_avg, exp_avg_sq, steps
 
     def _pending(self, losses: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
         """The default-mode logit update that ``losses`` completes, or ``None`` (pure)."""

@@ -9,12 +9,11 @@ import torch
 from torch import Tensor
 
 from gradbalance.errors import LossError, MissingInputError
+from gradbalance.methods._inner_optim import adam_direction, check_options
 from gradbalance.methods.base import LAST_SHARED_GRAMIAN, LOSSES, Method, StepInputs, as_float64
 from gradbalance.methods.registry import register
 
 __all__ = ["GradNorm"]
-
-_OPTIMIZERS = ("adam", "sgd")
 
 
 @register
@@ -121,23 +120,14 @@ class GradNorm(Method):
         a = float(alpha)
         if not math.isfinite(a) or a < 0:
             raise ValueError(f"alpha must be a finite non-negative number, got {alpha!r}")
-        rate = float(lr)
-        if not math.isfinite(rate) or rate <= 0:
-            raise ValueError(f"lr must be a positive finite number, got {lr!r}")
-        if not isinstance(weight_optimizer, str) or weight_optimizer.lower() not in _OPTIMIZERS:
-            raise ValueError(
-                f"weight_optimizer must be one of {_OPTIMIZERS}, got {weight_optimizer!r}"
-            )
-        b1, b2 = (float(b) for b in betas)
-        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
-            raise ValueError(f"betas must lie in [0, 1), got {betas!r}")
-        if not math.isfinite(float(eps)) or float(eps) <= 0:
-            raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+        kind, rate, betas_, eps_ = check_options(
+            "weight_optimizer", weight_optimizer, lr, betas, eps
+        )
         self.alpha = a
         self.lr = rate
-        self.weight_optimizer = weight_optimizer.lower()
-        self.betas = (b1, b2)
-        self.eps = float(eps)
+        self.weight_optimizer = kind
+        self.betas = betas_
+        self.eps = eps_
 
     def bind(self, tasks: tuple[str, ...]) -> None:
         if self.is_bound:
@@ -242,15 +232,19 @@ class GradNorm(Method):
         """The update ``Δ`` (``w ← w − Δ``) of the weights' optimizer; advances its state."""
         if self.weight_optimizer == "sgd":
             return self.lr * grad
-        beta1, beta2 = self.betas
         self.weight_steps.add_(1)
-        step = int(self.weight_steps)
-        self.exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-        self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-        bias1 = 1.0 - beta1**step
-        bias2 = 1.0 - beta2**step
-        denom = self.exp_avg_sq.sqrt() / math.sqrt(bias2) + self.eps
-        return (self.lr / bias1) * self.exp_avg / denom
+        direction, exp_avg, exp_avg_sq = adam_direction(
+            grad,
+            self.exp_avg,
+            self.exp_avg_sq,
+            int(self.weight_steps),
+            self.lr,
+            self.betas,
+            self.eps,
+        )
+        self.exp_avg.copy_(exp_avg)
+        self.exp_avg_sq.copy_(exp_avg_sq)
+        return direction
 
     # ------------------------------------------------------------------ read-only views
     @property

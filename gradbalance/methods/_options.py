@@ -1,13 +1,14 @@
-"""Helpers shared by methods: per-task options given as one value, a list or a mapping."""
+"""Helpers shared by methods: per-task options, finite numbers, a learnable-group's options."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from torch import Tensor
 
-__all__ = ["per_task"]
+__all__ = ["check_group_options", "finite_float", "group_options", "per_task"]
 
 T = TypeVar("T")
 
@@ -53,3 +54,29 @@ def per_task(
             "give one value per task (or a single value, or a mapping task -> value)"
         )
     return [convert(v) for v in values]
+
+
+def finite_float(value: Any) -> float:
+    """``float(value)``, refusing NaN and infinities (a `per_task` converter)."""
+    x = float(value)
+    if not math.isfinite(x):
+        raise ValueError(f"expected a finite number, got {value!r}")
+    return x
+
+
+def check_group_options(lr: Any, weight_decay: Any) -> tuple[float | None, float]:
+    """Validate the ``lr`` (``None``: the inner optimizer's) and ``weight_decay`` of the param
+    group that holds a method's learnable parameters; return them as floats."""
+    if lr is not None and (not math.isfinite(float(lr)) or float(lr) <= 0):
+        raise ValueError(f"lr must be a positive finite number or None, got {lr!r}")
+    if not math.isfinite(float(weight_decay)) or float(weight_decay) < 0:
+        raise ValueError(f"weight_decay must be non-negative, got {weight_decay!r}")
+    return (None if lr is None else float(lr)), float(weight_decay)
+
+
+def group_options(lr: float | None, weight_decay: float) -> dict[str, Any]:
+    """`Method.param_group_options` for a method with its own ``lr`` / ``weight_decay``."""
+    options: dict[str, Any] = {"weight_decay": weight_decay}
+    if lr is not None:
+        options["lr"] = lr
+    return options

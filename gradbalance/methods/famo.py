@@ -12,7 +12,7 @@ from torch import Tensor
 
 from gradbalance.errors import LossError
 from gradbalance.methods._inner_optim import adam_direction, check_options
-from gradbalance.methods._options import per_task
+from gradbalance.methods._options import finite_float, per_task
 from gradbalance.methods.base import LOSSES, Method, StepInputs, as_float64
 from gradbalance.methods.registry import register
 
@@ -20,13 +20,6 @@ __all__ = ["FAMO"]
 
 # Added to L_i − L_i* before the logarithm, as in the official code.
 _EPS = 1e-8
-
-
-def _finite_float(value: Any) -> float:
-    x = float(value)
-    if not math.isfinite(x):
-        raise ValueError(f"expected a finite number, got {value!r}")
-    return x
 
 
 @register
@@ -137,7 +130,7 @@ class FAMO(Method):
         if not math.isfinite(decay) or decay < 0:
             raise ValueError(f"gamma must be a finite non-negative number, got {gamma!r}")
         if isinstance(min_losses, (int, float)):
-            _finite_float(min_losses)
+            finite_float(min_losses)
         self.lr = rate
         self.gamma = decay
         self.logit_optimizer = kind
@@ -150,7 +143,7 @@ class FAMO(Method):
         if self.is_bound:
             super().bind(tasks)
             return
-        mins = per_task(self._min_spec, tuple(tasks), "min_losses", _finite_float)
+        mins = per_task(self._min_spec, tuple(tasks), "min_losses", finite_float)
         super().bind(tasks)
         self._min = mins
         k = len(tasks)

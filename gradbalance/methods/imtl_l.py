@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from gradbalance.methods._options import per_task
+from gradbalance.methods._options import check_group_options, finite_float, group_options, per_task
 from gradbalance.methods.base import LOSSES, Method, StepInputs
 from gradbalance.methods.registry import register
 
 __all__ = ["IMTLL"]
-
-
-def _finite_float(value: Any) -> float:
-    x = float(value)
-    if not math.isfinite(x):
-        raise ValueError(f"expected a finite number, got {value!r}")
-    return x
 
 
 @register
@@ -92,20 +84,15 @@ class IMTLL(Method):
     ) -> None:
         super().__init__()
         if isinstance(init, (int, float)):
-            _finite_float(init)
-        if lr is not None and (not math.isfinite(float(lr)) or float(lr) <= 0):
-            raise ValueError(f"lr must be a positive finite number or None, got {lr!r}")
-        if not math.isfinite(float(weight_decay)) or float(weight_decay) < 0:
-            raise ValueError(f"weight_decay must be non-negative, got {weight_decay!r}")
+            finite_float(init)
+        self._lr, self._weight_decay = check_group_options(lr, weight_decay)
         self._init_spec = init
-        self._lr = None if lr is None else float(lr)
-        self._weight_decay = float(weight_decay)
 
     def bind(self, tasks: tuple[str, ...]) -> None:
         if self.is_bound:
             super().bind(tasks)
             return
-        init = per_task(self._init_spec, tuple(tasks), "init", _finite_float)
+        init = per_task(self._init_spec, tuple(tasks), "init", finite_float)
         super().bind(tasks)
         self.log_scales = nn.Parameter(torch.tensor(init, dtype=torch.get_default_dtype()))
 
@@ -129,10 +116,7 @@ class IMTLL(Method):
         return -self.log_scales.sum()
 
     def param_group_options(self) -> Mapping[str, Any]:
-        options: dict[str, Any] = {"weight_decay": self._weight_decay}
-        if self._lr is not None:
-            options["lr"] = self._lr
-        return options
+        return group_options(self._lr, self._weight_decay)
 
     @property
     def scales(self) -> Tensor:

@@ -11,14 +11,13 @@ summed over tasks. The effective loss weight of task ``i`` is ``c_i·exp(−s_i)
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from gradbalance.methods._options import per_task
+from gradbalance.methods._options import check_group_options, finite_float, group_options, per_task
 from gradbalance.methods.base import LOSSES, Method, StepInputs
 from gradbalance.methods.registry import register
 
@@ -33,13 +32,6 @@ def _task_type(value: Any) -> str:
     if not isinstance(value, str) or value.lower() not in _TASK_TYPES:
         raise ValueError(f"task type must be one of {sorted(_TASK_TYPES)}, got {value!r}")
     return value.lower()
-
-
-def _finite_float(value: Any) -> float:
-    x = float(value)
-    if not math.isfinite(x):
-        raise ValueError(f"expected a finite number, got {value!r}")
-    return x
 
 
 @register
@@ -125,15 +117,10 @@ class Uncertainty(Method):
         if isinstance(task_types, str):
             _task_type(task_types)
         if isinstance(init, (int, float)):
-            _finite_float(init)
-        if lr is not None and (not math.isfinite(float(lr)) or float(lr) <= 0):
-            raise ValueError(f"lr must be a positive finite number or None, got {lr!r}")
-        if not math.isfinite(float(weight_decay)) or float(weight_decay) < 0:
-            raise ValueError(f"weight_decay must be non-negative, got {weight_decay!r}")
+            finite_float(init)
+        self._lr, self._weight_decay = check_group_options(lr, weight_decay)
         self._task_types_spec = task_types
         self._init_spec = init
-        self._lr = None if lr is None else float(lr)
-        self._weight_decay = float(weight_decay)
         self._types: list[str] = []
 
     # ------------------------------------------------------------------ life cycle
@@ -142,7 +129,7 @@ class Uncertainty(Method):
             super().bind(tasks)
             return
         types = per_task(self._task_types_spec, tuple(tasks), "task_types", _task_type)
-        init = per_task(self._init_spec, tuple(tasks), "init", _finite_float)
+        init = per_task(self._init_spec, tuple(tasks), "init", finite_float)
         super().bind(tasks)
         self._types = types
         self.log_vars = nn.Parameter(torch.tensor(init, dtype=torch.get_default_dtype()))
@@ -172,10 +159,7 @@ class Uncertainty(Method):
         return 0.5 * self.log_vars.sum()
 
     def param_group_options(self) -> Mapping[str, Any]:
-        options: dict[str, Any] = {"weight_decay": self._weight_decay}
-        if self._lr is not None:
-            options["lr"] = self._lr
-        return options
+        return group_options(self._lr, self._weight_decay)
 
     # ------------------------------------------------------------------ read-only views
     @property

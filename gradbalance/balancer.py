@@ -13,7 +13,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -50,6 +50,18 @@ _STATE_FORMAT = 1
 
 def _describe(t: Tensor, index: int, kind: str) -> str:
     return f"{kind} parameter #{index} (shape {tuple(t.shape)})"
+
+
+def _check_reached(shared: Sequence[Tensor], reached: Sequence[bool]) -> None:
+    """Raise `UnreachedParameterError` naming the shared tensors no task loss reaches."""
+    unreached = [
+        _describe(p, i, "shared") for i, (p, r) in enumerate(zip(shared, reached)) if not r
+    ]
+    if unreached:
+        raise UnreachedParameterError(
+            f"no task loss reaches {', '.join(unreached)}; remove it from shared=... "
+            "or check that the model uses it"
+        )
 
 
 def _detached_losses(losses: list[Tensor]) -> Tensor:
@@ -816,16 +828,7 @@ class GradBalancer(Optimizer):
             if self._sync is not None and self._sync.exact:
                 # the global batch's Jacobian is the mean of the ranks' Jacobians
                 tg.rows = self._sync.mean(tg.rows, shared, (k,))
-            unreached = [
-                _describe(p, i, "shared")
-                for i, (p, r) in enumerate(zip(shared, tg.rows))
-                if r is None
-            ]
-            if unreached:
-                raise UnreachedParameterError(
-                    f"no task loss reaches {', '.join(unreached)}; remove it from shared=... "
-                    "or check that the model uses it"
-                )
+            _check_reached(shared, [r is not None for r in tg.rows])
         gram = _engine.gramian(tg.rows, k)
         sync = self._sync
         if sync is not None and (representation or not sync.exact):
@@ -1047,14 +1050,7 @@ class GradBalancer(Optimizer):
             rows_hook=hook,
         )
         self._memory_inner = mg.strategy
-        unreached = [
-            _describe(p, i, "shared") for i, (p, r) in enumerate(zip(shared, mg.reached)) if not r
-        ]
-        if unreached:
-            raise UnreachedParameterError(
-                f"no task loss reaches {', '.join(unreached)}; remove it from shared=... "
-                "or check that the model uses it"
-            )
+        _check_reached(shared, mg.reached)
         gram = mg.gramian
         if sync is not None and not sync.exact:
             sync.mean_([gram])

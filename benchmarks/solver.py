@@ -38,7 +38,6 @@ import platform
 import statistics
 import sys
 import time
-import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,6 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from peers import stub_torchvision
 from published_mgda import published_min_norm
 
 from gradbalance.solvers import min_norm
@@ -98,27 +98,8 @@ def _torchjd() -> Solver | str:
     return lambda j, g: weighting(g)
 
 
-def _stub_torchvision() -> None:
-    """LibMTL imports torchvision at package import time (for its ResNet); MGDA needs none."""
-
-    class _Stub(types.ModuleType):
-        def __getattr__(self, name: str):
-            if name.startswith("__"):
-                raise AttributeError(name)
-
-            def unavailable(*args, **kwargs):
-                raise RuntimeError("torchvision is stubbed out in benchmarks/solver.py")
-
-            return unavailable
-
-    for name in ("torchvision", "torchvision.models", "torchvision.models.utils"):
-        module = _Stub(name)
-        module.__path__ = []
-        sys.modules.setdefault(name, module)
-
-
 def _libmtl() -> Solver | str:
-    _stub_torchvision()
+    stub_torchvision()
     try:
         from LibMTL.weighting.MGDA import MGDA
     except Exception as exc:

@@ -76,7 +76,6 @@ import random
 import statistics
 import sys
 import time
-import types
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -88,6 +87,9 @@ import gradbalance as gb
 import gradbalance.methods as gm
 from gradbalance import engine as _engine
 from gradbalance.methods import FEATURES, GRAMIAN, JACOBIAN, KPIS, LOSSES
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from peers import stub_torchvision
 
 LR = 1e-5
 PLAIN = "plain"
@@ -281,27 +283,8 @@ def _torchjd(model: nn.Module, x: Tensor, y: Tensor, k: int, which: str) -> Call
     return step
 
 
-def _stub_torchvision() -> None:
-    """LibMTL imports torchvision at package import time (for its ResNet); MGDA needs none."""
-
-    class _Stub(types.ModuleType):
-        def __getattr__(self, name: str):
-            if name.startswith("__"):
-                raise AttributeError(name)
-
-            def unavailable(*args, **kwargs):
-                raise RuntimeError("torchvision is stubbed out in benchmarks/step.py")
-
-            return unavailable
-
-    for name in ("torchvision", "torchvision.models", "torchvision.models.utils"):
-        module = _Stub(name)
-        module.__path__ = []
-        sys.modules.setdefault(name, module)
-
-
 def _libmtl(model: nn.Module, x: Tensor, y: Tensor, k: int, rep: bool) -> Callable[[], None]:
-    _stub_torchvision()
+    stub_torchvision()
     from LibMTL.weighting.MGDA import MGDA
 
     shared = model.shared()

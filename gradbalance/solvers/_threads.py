@@ -22,6 +22,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _is_compiling() -> bool:
+    """Whether `torch.compile` is tracing (``False`` on torch without `torch.compiler`)."""
     compiler = getattr(torch, "compiler", None)
     is_compiling = getattr(compiler, "is_compiling", None)
     return bool(is_compiling()) if callable(is_compiling) else False

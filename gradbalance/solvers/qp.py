@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from gradbalance.errors import NonFiniteError
-from gradbalance.solvers._threads import cpu_single_thread
+from gradbalance.solvers._threads import _is_compiling, cpu_single_thread
 
 __all__ = ["nonneg_qp"]
 
@@ -55,13 +55,6 @@ _RESCUE_RIDGE = 1e-3
 _BPP_ITERS = 10
 #: Júdice and Pires' number of full exchanges allowed without progress (their p-bar).
 _BPP_BACKUP = 3
-
-
-def _is_compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and hasattr(compiler, "is_compiling"):
-        return bool(compiler.is_compiling())
-    return False  # pragma: no cover - torch < 2.3
 
 
 def _resolve_flags(

@@ -1,14 +1,25 @@
-"""Shared fixtures: small multi-task networks with a shared trunk and one head per task."""
+"""Shared fixtures: small multi-task networks with a shared trunk and one head per task.
+
+Hypothesis runs derandomized by default, so a test run (and CI) draws the same examples every
+time and cannot go red by chance. To search for new counterexamples, run with random draws:
+``HYPOTHESIS_PROFILE=explore python -m pytest tests -q`` (repeat; each run draws afresh).
+"""
 
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
+from hypothesis import settings
 from torch import nn
 
 from gradbalance.methods import GRAMIAN, Method, StepInputs
+
+settings.register_profile("deterministic", derandomize=True, print_blob=True)
+settings.register_profile("explore", derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
 
 class MultiHeadNet(nn.Module):

@@ -26,7 +26,10 @@ def gradvac_coefficients(
     $C_{ij} \mathrel{+}= \lVert g_i^{PC}\rVert (\hat\varphi \sqrt{1-\varphi^2} - \varphi
     \sqrt{1-\hat\varphi^2}) / (\lVert g_j\rVert \sqrt{1-\hat\varphi^2} + \epsilon)$; then
     $\hat\varphi_{ij} \leftarrow (1-\beta)\hat\varphi_{ij} + \beta\varphi$. Pairs with a zero
-    gradient (undefined cosine) are skipped and keep their target. Pure tensor code.
+    gradient (undefined cosine) are skipped and keep their target; so is a ``g_i^{PC}`` whose
+    squared norm is within rounding of zero (below ``16 K ε`` times the sum of the magnitudes
+    that make it up), which keeps cancelled vectors from steering by rounding noise. Pure tensor
+    code.
     """
     k = gramian.shape[-1]
     dev, dt = gramian.device, gramian.dtype
@@ -35,11 +38,18 @@ def gradvac_coefficients(
     rows = torch.arange(k, device=dev)
     orders = orders.to(dev)
     norms = gramian.diagonal().clamp_min(0.0).sqrt()
+    abs_gramian = gramian.abs()
+    # ‖g_i^PC‖² = (C G Cᵀ)_ii is a sum of terms as large as (|C| |G| |C|ᵀ)_ii; when g_i^PC has
+    # cancelled (a projection removed it), rounding leaves ~√ε of that as a spurious norm and a
+    # random direction. Below this floor the vector counts as zero, like a zero gradient.
+    floor_scale = 16.0 * k * torch.finfo(dt).eps
     for t in range(k):
         j = orders[:, t]
         cg = coef @ gramian  # row i: ⟨g_i^PC, g_k⟩ for every k
         dot = cg[rows, j]
-        ni = (cg * coef).sum(-1).clamp_min(0.0).sqrt()
+        sq = (cg * coef).sum(-1)
+        floor = floor_scale * ((coef.abs() @ abs_gramian) * coef.abs()).sum(-1)
+        ni = torch.where(sq > floor, sq, 0.0).sqrt()
         nj = norms[j]
         den = ni * nj + eps
         ok = (j != rows) & (ni > 0) & (nj > 0)
@@ -96,8 +106,10 @@ class GradVac(SeededOrders):
     paper also studies finer granularities with separate targets per layer; not provided).
     The EMA update applies to every visited pair, as in Algorithm 1 (LibMTL updates it only
     when a correction was made); it uses $\varphi_{ij}$ measured before the correction.
-    Pairs with a zero gradient are skipped (undefined cosine). ``eps`` (default 0) is added to
-    the denominators if given. Task-specific parameters get their own task's gradient.
+    Pairs with a zero gradient are skipped (undefined cosine), and so are pairs whose
+    $g_i^{PC}$ cancelled to within rounding of zero (see `gradvac_coefficients`). ``eps``
+    (default 0) is added to the denominators if given. Task-specific parameters get their own
+    task's gradient.
 
     Args:
         beta: the EMA rate $\beta \in [0, 1]$ of the targets (LibMTL's and TorchJD's default

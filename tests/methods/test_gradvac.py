@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import gradbalance as gb
@@ -145,6 +145,9 @@ def test_a_dropped_step_leaves_the_targets_and_orders():
 
 @settings(max_examples=40, deadline=None)
 @given(J=jacobians(max_k=5), s=st.floats(1e-3, 1e3))
+# collinear: g_0^PC cancels exactly on the first correction; rounding left a ~1e-8 "norm"
+# whose random direction then steered the next pair (found by CI, fixed by the noise floor)
+@example(J=torch.tensor([[-0.5016], [0.1437], [-0.0009]], dtype=torch.float64), s=3.0)
 def test_weights_finite_and_scale_invariant_with_targets(J, s):
     k = J.shape[0]
     a, b = GradVac(seed=4), GradVac(seed=4)

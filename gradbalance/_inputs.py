@@ -41,6 +41,12 @@ def parse_losses(
         (``known`` when tasks are already declared, else the order given), and for each position
         of the caller's order the index into the balancer's order.
     """
+    if known is not None and type(losses) is dict and tuple(losses) == known:
+        # the common case: a dict keyed by the declared tasks, in their order
+        tensors = list(losses.values())
+        for name, loss in zip(known, tensors):
+            _check_loss(name, loss)
+        return known, tensors, list(range(len(known)))
     if isinstance(losses, Tensor):
         raise LossError(
             "backward() takes one loss per task as a dict {task: loss} or a list/tuple, "

@@ -64,23 +64,36 @@ def _check_reached(shared: Sequence[Tensor], reached: Sequence[bool]) -> None:
         )
 
 
-def _detached_losses(losses: list[Tensor]) -> Tensor:
-    """The losses as one detached float64 vector (one stack, not one copy per loss)."""
+def _stack_losses(losses: list[Tensor], differentiable: bool) -> tuple[Tensor | None, Tensor]:
+    """The losses as one vector: ``(stacked, detached)``.
+
+    ``stacked`` keeps the autograd graph (for ``Σ wᵢ Lᵢ``) when ``differentiable`` and the losses
+    share a dtype, else it is ``None``; ``detached`` is a float64 copy, one ``stack`` in all.
+    """
+    flat = [loss if loss.dim() == 0 else loss.reshape(()) for loss in losses]
+    dtype = flat[0].dtype
+    if any(loss.dtype != dtype for loss in flat):
+        with torch.no_grad():
+            return None, torch.stack([loss.to(torch.float64) for loss in flat])
+    if differentiable:
+        stacked = torch.stack(flat)
+        # a copy even for float64 losses: the balancer may average it in place (DDP)
+        return stacked, stacked.detach().to(torch.float64, copy=True)
     with torch.no_grad():
-        flat = [loss if loss.dim() == 0 else loss.reshape(()) for loss in losses]
-        if len({loss.dtype for loss in flat}) > 1:
-            flat = [loss.to(torch.float64) for loss in flat]
-        return torch.stack(flat).to(torch.float64)
+        return None, torch.stack(flat).to(torch.float64)
 
 
-def _weighted_sum(weights: Tensor, losses: list[Tensor]) -> Tensor:
+def _weighted_sum(weights: Tensor, losses: list[Tensor], stacked: Tensor | None = None) -> Tensor:
     """``Σ_i w_i L_i`` in the losses' dtype, differentiable w.r.t. both.
 
-    Losses of one dtype go through one ``stack``, one product and one sum (three autograd
-    nodes whatever ``K``); each loss still receives exactly ``w_i`` as its gradient.
+    Losses of one dtype go through one ``stack`` (``stacked``, when the caller has it), one
+    product and one sum (three autograd nodes whatever ``K``); each loss still receives exactly
+    ``w_i`` as its gradient.
     """
     w = weights.to(losses[0].dtype)
-    if len({loss.dtype for loss in losses}) == 1:
+    if stacked is not None:
+        return (stacked * w).sum()
+    if all(loss.dtype == losses[0].dtype for loss in losses):
         flat = [loss if loss.dim() == 0 else loss.reshape(()) for loss in losses]
         return (torch.stack(flat) * w).sum()
     objective = None
@@ -541,7 +554,8 @@ class GradBalancer(Optimizer):
     @property
     def last_weights(self) -> Tensor | None:
         """The weights of the last `backward`, in the balancer's task order."""
-        return self._last_weights
+        w = self._last_weights
+        return None if w is None else w.to(torch.get_default_dtype(), copy=True)
 
     @property
     def last_losses(self) -> Tensor | None:
@@ -642,7 +656,8 @@ class GradBalancer(Optimizer):
             self._bind(tasks)
         scale = self._scale_tensor(scaler, loss_list[0].device)
 
-        detached = _detached_losses(loss_list)
+        loss_only = not method.is_gradient_method()
+        stacked, detached = _stack_losses(loss_list, differentiable=loss_only)
         sync = self._synchronizer()
         if sync is not None:
             # every rank must take the same branch below: decide on the global losses
@@ -660,7 +675,7 @@ class GradBalancer(Optimizer):
                 f"the loss of task(s) {bad} is not finite{where}", scale, call_order
             )
 
-        if method.is_gradient_method():
+        if not loss_only:
             return self._backward_gradient(
                 tasks,
                 loss_list,
@@ -672,7 +687,7 @@ class GradBalancer(Optimizer):
                 call_order,
             )
         return self._backward_losses(
-            tasks, loss_list, detached, kpi_tensor, scale, retain_graph, call_order
+            tasks, loss_list, stacked, detached, kpi_tensor, scale, retain_graph, call_order
         )
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -708,6 +723,7 @@ class GradBalancer(Optimizer):
         self,
         tasks: tuple[str, ...],
         loss_list: list[Tensor],
+        stacked: Tensor | None,
         detached: Tensor,
         kpis: Tensor | None,
         scale: Tensor | None,
@@ -748,7 +764,7 @@ class GradBalancer(Optimizer):
         )
         weights = method.weights(inputs)
         self._check_weights(weights, len(tasks))
-        objective = _weighted_sum(weights, loss_list)
+        objective = _weighted_sum(weights, loss_list, stacked)
         extra = method.extra_loss(inputs)
         if extra is not None:
             objective = objective + extra
@@ -828,8 +844,8 @@ class GradBalancer(Optimizer):
             if self._sync is not None and self._sync.exact:
                 # the global batch's Jacobian is the mean of the ranks' Jacobians
                 tg.rows = self._sync.mean(tg.rows, shared, (k,))
-            _check_reached(shared, [r is not None for r in tg.rows])
-        gram = _engine.gramian(tg.rows, k)
+            _check_reached(shared, tg.reached)
+        gram = tg.gramian(k)
         sync = self._sync
         if sync is not None and (representation or not sync.exact):
             sync.mean_([gram])
@@ -858,14 +874,14 @@ class GradBalancer(Optimizer):
             gramian=gram,
             kpis=kpis,
             step=self._steps,
-            jacobian=self._jacobian_for(method, tg.rows, scale),
+            jacobian=self._jacobian_for(method, tg, scale),
         )
         weights = method.weights(inputs).detach()
         self._check_weights(weights, k)
         if inputs.jacobian is not None:
             combined = self._method_combine(method, inputs, weights, tg.rows, scale)
         else:
-            combined = _engine.combine(tg.rows, weights)
+            combined = tg.combine(weights)
         if representation:
             shared_grads = _engine.backprop_features(
                 features, shared, combined, retain_graph=retain_graph
@@ -1166,11 +1182,12 @@ class GradBalancer(Optimizer):
     # ------------------------------------------------------------------ helpers
     @staticmethod
     def _jacobian_for(
-        method: Method, rows: list[Tensor | None], scale: Tensor | None
+        method: Method, tg: _engine.TaskGradients, scale: Tensor | None
     ) -> tuple[Tensor | None, ...] | None:
         """The unscaled Jacobian rows for methods that require them, else ``None``."""
         if JACOBIAN not in method.requires:
             return None
+        rows = tg.rows
         if scale is None:
             return tuple(rows)
         return tuple(None if r is None else r / scale.to(r.dtype) for r in rows)
@@ -1285,22 +1302,23 @@ class GradBalancer(Optimizer):
                     continue
                 if g.dtype != p.dtype:
                     g = g.to(p.dtype)
-                if p.grad is None:
+                current = p.grad
+                if current is None:
                     p.grad = g.detach() if g.requires_grad else g
                 else:
-                    p.grad.add_(g)
+                    current.add_(g)
 
     def _finish(
         self, inputs: StepInputs, weights: Tensor, call_order: list[int], gramian: Tensor | None
     ) -> Tensor:
-        w = weights.detach()
+        w = weights.detach() if weights.requires_grad else weights
         self._pending.append((inputs, w))
-        self._last_weights = w.to(torch.get_default_dtype())
+        self._last_weights = w  # `last_weights` converts (and copies) on access
         self._last_losses = inputs.losses
         self._last_gramian = gramian
-        if all(i == j for i, j in enumerate(call_order)):
-            return self._last_weights.clone()
-        return self._last_weights[call_order].clone()
+        if call_order == list(range(len(call_order))):
+            return w.to(torch.get_default_dtype(), copy=True)
+        return w[call_order].to(torch.get_default_dtype())
 
     # ------------------------------------------------------------------ epochs
     def end_epoch(self) -> None:

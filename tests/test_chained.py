@@ -45,6 +45,27 @@ def test_chained_matches_loop(kind, batched):
     )
 
 
+@pytest.mark.parametrize("batched", [True, False])
+def test_chained_matches_loop_with_many_shared_tensors(batched):
+    # 24 shared tensors: the rows are held as one (K, P) matrix (engine._FLAT_MIN_TENSORS)
+    torch.manual_seed(0)
+    trunk = nn.Sequential(*[nn.Sequential(nn.Linear(4, 4), nn.Tanh()) for _ in range(12)])
+    heads = nn.ModuleList(nn.Linear(4, 1) for _ in range(3))
+    x = torch.randn(5, 4)
+    z = trunk(x)
+    losses = [h(z).pow(2).mean() * (i + 1) for i, h in enumerate(heads)]
+    shared, others = list(trunk.parameters()), list(heads.parameters())
+    assert len(shared) >= engine._FLAT_MIN_TENSORS
+    ref = engine.task_gradients(losses, shared, others, strategy="loop", retain_graph=True)
+    tg = engine.chained_gradients(losses, [z], shared, others, retain_graph=True, batched=batched)
+    assert tg is not None and tg.flat is not None
+    _rows_close(tg.rows, ref.rows)
+    _rows_close(tg.others, ref.others)
+    torch.testing.assert_close(tg.gramian(3), ref.gramian(3), rtol=1e-6, atol=1e-10)
+    w = torch.tensor([0.3, 0.5, 0.2])
+    _rows_close(tg.combine(w), engine.combine(ref.rows, w))
+
+
 def test_chained_refuses_heads_that_read_shared_parameters_directly():
     model = MultiHeadNet("mlp")
     x, y = model.inputs()

@@ -134,3 +134,62 @@ def test_probe_keeps_batched_when_it_works():
     tg, strategy = engine.probe_batched(losses, [w], [], retain_graph=False)
     assert strategy == "batched"
     torch.testing.assert_close(tg.rows[0], torch.tensor([[1.0, 1.0], [2.0, 4.0]]))
+
+
+def _partial_problem():
+    """Three tasks on four shared tensors: one reached by task 0 only, one by no task."""
+    torch.manual_seed(0)
+    a = torch.randn(3, 2, requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    only0 = torch.randn(2, 2, requires_grad=True)
+    unused = torch.randn(5, requires_grad=True)
+    x = torch.randn(6, 3)
+    h = torch.tanh(x @ a)
+    losses = [
+        (h @ only0).pow(2).mean() + b.sum(),
+        h.sin().mean() + (b * b).sum(),
+        h.pow(3).mean() - b.mean(),
+    ]
+    return losses, [a, b, only0, unused]
+
+
+def test_loop_flat_jacobian_matches_per_tensor_rows():
+    losses, shared = _partial_problem()
+    tg = engine.task_gradients(losses, shared, strategy="loop", retain_graph=True)
+    assert tg.flat is not None and tg.flat.shape == (3, 6 + 4 + 4)
+    assert tg.reached == [True, True, True, False]
+    expected = []
+    for t in shared:
+        cols = [
+            torch.autograd.grad(loss, t, retain_graph=True, allow_unused=True)[0] for loss in losses
+        ]
+        expected.append(
+            None
+            if all(c is None for c in cols)
+            else torch.stack([torch.zeros_like(t) if c is None else c for c in cols])
+        )
+    rows = tg.rows  # built from flat on first read
+    assert rows[3] is None
+    for r, e in zip(rows[:3], expected[:3]):
+        torch.testing.assert_close(r, e)
+    torch.testing.assert_close(tg.gramian(3), engine.gramian(expected, 3))
+    w = torch.tensor([0.5, -1.0, 2.0])
+    for c, e in zip(tg.combine(w), engine.combine(expected, w)):
+        assert (c is None) == (e is None)
+        if c is not None:
+            assert c.shape == e.shape
+            torch.testing.assert_close(c, e)
+    # replacing the rows (as the distributed path does) drops the flat matrix
+    tg.rows = [None if r is None else 2 * r for r in rows]
+    assert tg.flat is None
+    torch.testing.assert_close(tg.gramian(3), 4 * engine.gramian(expected, 3))
+
+
+def test_loop_falls_back_to_stacks_for_mixed_dtypes():
+    a = torch.randn(3, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    losses = [a.sum() + b.sum(), (a * a).sum() + (b * b).sum()]
+    tg = engine.task_gradients(losses, [a, b], strategy="loop", retain_graph=True)
+    assert tg.flat is None
+    assert tg.rows[1].dtype == torch.float64
+    torch.testing.assert_close(tg.rows[0], torch.stack([torch.ones(3), 2 * a.detach()]))

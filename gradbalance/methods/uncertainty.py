@@ -133,11 +133,12 @@ class Uncertainty(Method):
         super().bind(tasks)
         self._types = types
         self.log_vars = nn.Parameter(torch.tensor(init, dtype=torch.get_default_dtype()))
+        # derived from the task types (not state): rebuilt by bind, moved by .to()
+        coefficients = torch.tensor([_TASK_TYPES[t] for t in types], dtype=torch.float64)
+        self.register_buffer("_coefficient_buffer", coefficients, persistent=False)
 
     def _coefficients(self) -> Tensor:
-        return torch.tensor(
-            [_TASK_TYPES[t] for t in self._types], dtype=torch.float64, device=self.log_vars.device
-        )
+        return self._coefficient_buffer.to(self.log_vars.device)
 
     def _check_bound(self, inputs: StepInputs) -> None:
         if not self.is_bound:

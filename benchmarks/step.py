@@ -98,8 +98,6 @@ MEMORY_MIN = "memory-min"
 CLOCK: Callable[[], float] = time.process_time
 PEERS = ("torchjd-mgda", "torchjd-upgrad", "libmtl-mgda", "libmtl-mgda-rep")
 _KNOWN_ENGINES = ("auto", "loop", "batched", "representation")
-# constructor options of methods with required arguments (K is filled in)
-_OPTIONS: dict[str, Callable[[int], dict]] = {"fixed": lambda k: {"weights": [1.0] * k}}
 
 
 # ---------------------------------------------------------------------------------- models
@@ -236,7 +234,9 @@ def _plain(model: nn.Module, x: Tensor, y: Tensor, k: int) -> Callable[[], None]
 def _ours(
     model: nn.Module, x: Tensor, y: Tensor, k: int, name: str, engine: str
 ) -> Callable[[], None]:
-    method = gb.methods.get(name, **_OPTIONS.get(name, lambda k: {})(k))
+    tasks = [f"t{i}" for i in range(k)]
+    options = gb.methods.get_class(name).example_options(tuple(tasks))
+    method = gb.methods.get(name, **options)
     kwargs: dict = {} if engine == "-" else {"engine": engine}
     if engine == MEMORY_MIN:
         # the memory-light path at its lightest: one parameter tensor's rows at a time
@@ -245,7 +245,6 @@ def _ours(
     opt = gb.GradBalancer(
         torch.optim.Adam(model.parameters(), lr=LR), method=method, shared=model.shared(), **kwargs
     )
-    tasks = [f"t{i}" for i in range(k)]
     kpis = {t: 0.2 + 0.6 * i / max(k - 1, 1) for i, t in enumerate(tasks)}
     # the chained engine (and what engine="auto" picks when features are given) needs them
     use_features = engine in ("representation", "chained")

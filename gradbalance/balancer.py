@@ -743,11 +743,11 @@ class GradBalancer(Optimizer):
             rows = tg.rows
             if sync is not None and sync.exact:
                 rows = sync.mean(rows, self._last_shared, (len(tasks),))
-            last_gram = _engine.gramian(rows, len(tasks))
-            if sync is not None and not sync.exact:
-                sync.mean_([last_gram])
-            if scale is not None:
-                last_gram = last_gram / scale.to(torch.float64) ** 2
+            last_gram = self._finish_gramian(
+                _engine.gramian(rows, len(tasks)),
+                scale,
+                rank_local=sync is not None and not sync.exact,
+            )
             bad = self._nonfinite_tasks(last_gram, tasks)
             if bad:
                 return self._nonfinite(
@@ -845,16 +845,15 @@ class GradBalancer(Optimizer):
                 # the global batch's Jacobian is the mean of the ranks' Jacobians
                 tg.rows = self._sync.mean(tg.rows, shared, (k,))
             _check_reached(shared, tg.reached)
-        gram = tg.gramian(k)
         sync = self._sync
-        if sync is not None and (representation or not sync.exact):
-            sync.mean_([gram])
-            if representation and sync.exact:
-                # feature gradients of different ranks belong to different samples:
-                # G = Σ_r G_r / R², the Gramian of the global batch's mean loss
-                gram.div_(sync.world_size)
-        if scale is not None:
-            gram = gram / scale.to(torch.float64) ** 2
+        gram = self._finish_gramian(
+            tg.gramian(k),
+            scale,
+            rank_local=sync is not None and (representation or not sync.exact),
+            # feature gradients of different ranks belong to different samples:
+            # G = Σ_r G_r / R², the Gramian of the global batch's mean loss
+            samples_per_rank=representation,
+        )
         bad = self._nonfinite_tasks(gram, tasks)
         if bad:
             return self._nonfinite(
@@ -1067,11 +1066,9 @@ class GradBalancer(Optimizer):
         )
         self._memory_inner = mg.strategy
         _check_reached(shared, mg.reached)
-        gram = mg.gramian
-        if sync is not None and not sync.exact:
-            sync.mean_([gram])
-        if scale is not None:
-            gram = gram / scale.to(torch.float64) ** 2
+        gram = self._finish_gramian(
+            mg.gramian, scale, rank_local=sync is not None and not sync.exact
+        )
         bad = self._nonfinite_tasks(gram, tasks)
         if bad:
             return self._nonfinite(
@@ -1098,6 +1095,26 @@ class GradBalancer(Optimizer):
                 )
             self._write(params, grads)
         return self._finish(inputs, weights, call_order, gramian=gram)
+
+    def _finish_gramian(
+        self,
+        gram: Tensor,
+        scale: Tensor | None,
+        *,
+        rank_local: bool,
+        samples_per_rank: bool = False,
+    ) -> Tensor:
+        """The Gramian every rank uses: averaged over ranks when it was computed from
+        rank-local gradients (``samples_per_rank``: from per-rank feature gradients under
+        ``"global"``, where the global batch's Gramian is ``Σ_r G_r / R²``), then unscaled."""
+        sync = self._sync
+        if sync is not None and rank_local:
+            sync.mean_([gram])
+            if samples_per_rank and sync.exact:
+                gram.div_(sync.world_size)
+        if scale is not None:
+            gram = gram / scale.to(torch.float64) ** 2
+        return gram
 
     def _synchronizer(self) -> _distributed.Synchronizer | None:
         """Resolve ``distributed=`` on the first backward (the process group exists by then)."""

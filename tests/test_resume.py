@@ -12,7 +12,7 @@ dropout, DTP gets KPIs, DWA sees ``end_epoch`` calls (the checkpoint falls in th
 epoch), MGDA-UB gets the shared features. Both processes loop over all methods, so the whole
 file costs two interpreter start-ups. Methods are collected from the registry after importing
 every module of ``gradbalance.methods``, so a new method is covered without editing this file
-(give it constructor options in ``OPTIONS`` below only if it has required arguments).
+(a method with required arguments gives them in its ``example_options``).
 """
 
 from __future__ import annotations
@@ -76,8 +76,6 @@ SCRIPT = textwrap.dedent(
     torch.manual_seed(0)  # the global RNG must not matter: methods own their randomness
     K, N, M, EPOCH, BATCH = 3, 6, 6, 4, 16
     TASKS = [f"t{i}" for i in range(K)]
-    # constructor options of methods that have required arguments
-    OPTIONS = {"fixed": {"weights": [1.0, 0.5, 0.25]}}
 
     for info in pkgutil.iter_modules(gm.__path__):
         if not info.name.startswith("_"):
@@ -115,7 +113,7 @@ SCRIPT = textwrap.dedent(
 
     def build(name):
         model = Net()
-        method = gb.methods.get(name, **OPTIONS.get(name, {}))
+        method = gb.methods.get(name, **gm.get_class(name).example_options(tuple(TASKS)))
         inner = torch.optim.Adam(model.parameters(), lr=1e-2)
         return model, gb.GradBalancer(inner, method=method, shared=model.trunk)
 

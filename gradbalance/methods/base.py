@@ -165,6 +165,22 @@ class Method(nn.Module):
         """Whether the method combines task gradients (``Jᵀw``) rather than weighting losses."""
         return bool(cls.requires & {GRAMIAN, FEATURES, JACOBIAN})
 
+    @classmethod
+    def example_options(cls, tasks: tuple[str, ...]) -> dict[str, Any]:
+        """Constructor options that build a working instance for ``tasks``.
+
+        For tools that sweep over every registered method (benchmarks, tests): ``{}`` for
+        methods whose arguments all have defaults; methods with required arguments (``fixed``'s
+        hand-tuned weights) override it with placeholder values.
+
+        Examples:
+            >>> import gradbalance as gb
+            >>> cls = gb.methods.get_class("fixed")
+            >>> cls(**cls.example_options(("a", "b")))
+            Fixed(weights=[1.0, 1.0])
+        """
+        return {}
+
     # ------------------------------------------------------------------ life cycle
     @property
     def tasks(self) -> tuple[str, ...] | None:

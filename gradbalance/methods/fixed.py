@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -54,6 +55,11 @@ class Fixed(Method):
         for v in values:
             if not math.isfinite(float(v)) or float(v) < 0:
                 raise ValueError(f"weights must be finite and non-negative, got {values}")
+
+    @classmethod
+    def example_options(cls, tasks: tuple[str, ...]) -> dict[str, Any]:
+        """Placeholder weights (all 1) for tools that sweep over every method."""
+        return {"weights": [1.0] * len(tasks)}
 
     def bind(self, tasks: tuple[str, ...]) -> None:
         if isinstance(self._spec, dict):

@@ -2,7 +2,7 @@
 
 The list of methods is taken from the registry at import time (after importing every module of
 ``gradbalance.methods``), so a method added later is covered without editing this file. Each
-method is built with its defaults (``CONSTRUCTOR_KWARGS`` for the few that have required
+method is built with its ``example_options`` (defaults, except for the few that have required
 arguments) and driven directly with hand-built `StepInputs` over a short run of steps
 (``weights`` → ``combine`` for Jacobian methods → ``update``), as `GradBalancer` drives it:
 
@@ -23,7 +23,6 @@ import copy
 import importlib
 import io
 import pkgutil
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -50,11 +49,6 @@ for _module in pkgutil.iter_modules(gbm.__path__):
 
 METHODS = available()
 
-#: Constructor arguments of methods that cannot be built with defaults, as a function of the
-#: task names. A new method with required arguments must add an entry here.
-CONSTRUCTOR_KWARGS: dict[str, Callable[[tuple[str, ...]], dict[str, Any]]] = {
-    "fixed": lambda tasks: {"weights": [1.0] * len(tasks)},
-}
 
 # Shapes of the shared tensors the hand-built Jacobians are split into (P = 10).
 SHAPES = ((3, 2), (4,))
@@ -65,13 +59,13 @@ SETTINGS = settings(max_examples=5, deadline=None, derandomize=True)
 
 def build(name: str, tasks: tuple[str, ...]) -> Method:
     cls = get_class(name)
-    kwargs = CONSTRUCTOR_KWARGS.get(name, lambda t: {})(tasks)
+    kwargs = cls.example_options(tasks)
     try:
         method = cls(**kwargs)
     except TypeError as err:
         pytest.fail(
-            f"method {name!r} cannot be built with its defaults ({err}); add its required "
-            "arguments to CONSTRUCTOR_KWARGS in tests/methods/test_registry_properties.py"
+            f"method {name!r} cannot be built with its example_options ({err}); override "
+            "Method.example_options in the method's class to give its required arguments"
         )
     method.bind(tasks)
     return method
@@ -273,7 +267,8 @@ def test_state_dict_round_trip_continues_identically(name):
     torch.save(method.state_dict(), buffer)
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
-    fresh = get_class(name)(**CONSTRUCTOR_KWARGS.get(name, lambda t: {})(tasks))
+    cls = get_class(name)
+    fresh = cls(**cls.example_options(tasks))
     fresh.load_state_dict(state)
     assert fresh.tasks == tasks
     inputs_a = inputs_for(method, tasks, run[2], 2)
@@ -305,7 +300,7 @@ def test_two_steps_through_the_balancer(name):
     model = MultiHeadNet("mlp")
     tasks = ("t0", "t1", "t2")
     cls = get_class(name)
-    kwargs = CONSTRUCTOR_KWARGS.get(name, lambda t: {})(tasks)
+    kwargs = get_class(name).example_options(tasks)
     opt = gb.GradBalancer(
         torch.optim.SGD(model.parameters(), lr=0.05),
         name,

@@ -27,6 +27,9 @@ Peers, when installed: TorchJD 0.18 (``mtl_backward`` + ``jac_to_grad`` with ``M
 shared parameters (``rep_grad=False``) and on the representation (``rep_grad=True``, where
 LibMTL sums the feature gradients over the batch before solving). LibMTL imports torchvision at
 package level; this script replaces it by a stub module first (as ``benchmarks/solver.py`` does).
+A reference row, ``checked-sum``: a hand-written summed-loss step that only adds the checks a
+loss weighting keeps in `GradBalancer` (the losses' finiteness from one host copy, the gradients'
+by one fused kernel call, before ``.grad`` is written): the floor of the loss-only rows.
 
 Measurement: every configuration owns a copy of the same initial model and its own Adam
 optimizer (lr 1e-5, so the model barely moves and every configuration sees the same kind of
@@ -69,6 +72,7 @@ import csv
 import datetime
 import gc
 import importlib
+import math
 import os
 import pkgutil
 import platform
@@ -94,9 +98,11 @@ from peers import stub_torchvision
 LR = 1e-5
 PLAIN = "plain"
 MEMORY_MIN = "memory-min"
+#: a reference row: the floor of a loss weighting that keeps the balancer's finiteness checks
+CHECKED_SUM = "checked-sum"
 #: the clock of the timings: process CPU time by default (``--clock``), see the module docstring
 CLOCK: Callable[[], float] = time.process_time
-PEERS = ("torchjd-mgda", "torchjd-upgrad", "libmtl-mgda", "libmtl-mgda-rep")
+PEERS = ("torchjd-mgda", "torchjd-upgrad", "libmtl-mgda", "libmtl-mgda-rep", CHECKED_SUM)
 _KNOWN_ENGINES = ("auto", "loop", "batched", "representation")
 
 
@@ -231,6 +237,32 @@ def _plain(model: nn.Module, x: Tensor, y: Tensor, k: int) -> Callable[[], None]
     return step
 
 
+def _checked_sum(model: nn.Module, x: Tensor, y: Tensor, k: int) -> Callable[[], None]:
+    """The floor of any loss-weighting wrapper that keeps `GradBalancer`'s guarantees: a
+    hand-written summed-loss step that checks the losses (one host copy) and the gradients (one
+    fused kernel call) before writing ``.grad``, and does nothing else."""
+    opt = torch.optim.Adam(model.parameters(), lr=LR)
+    params = list(model.parameters())
+    found, one = torch.zeros(1), torch.ones(1)
+
+    def step() -> None:
+        opt.zero_grad()
+        _, losses = _forward(model, x, y)
+        stacked = torch.stack(losses)
+        if not all(math.isfinite(v) for v in stacked.detach().tolist()):
+            raise FloatingPointError("a loss is not finite")
+        grads = list(torch.autograd.grad(stacked.sum(), params))
+        found.zero_()
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, one)
+        if found.item():
+            raise FloatingPointError("a gradient is not finite")
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+
+    return step
+
+
 def _ours(
     model: nn.Module, x: Tensor, y: Tensor, k: int, name: str, engine: str
 ) -> Callable[[], None]:
@@ -353,9 +385,12 @@ def build_configs(
             configs.append(cfg)
     unavailable = {}
     for peer in peers:
-        cfg = Config(peer, "representation" if peer == "libmtl-mgda-rep" else "peer")
+        engine = {"libmtl-mgda-rep": "representation", CHECKED_SUM: "reference"}.get(peer, "peer")
+        cfg = Config(peer, engine)
         try:
-            if peer.startswith("torchjd"):
+            if peer == CHECKED_SUM:
+                cfg.step = _checked_sum(copy.deepcopy(base), x, y, k)
+            elif peer.startswith("torchjd"):
                 cfg.step = _torchjd(copy.deepcopy(base), x, y, k, peer.split("-", 1)[1])
             else:
                 cfg.step = _libmtl(copy.deepcopy(base), x, y, k, rep=peer.endswith("-rep"))
@@ -599,11 +634,18 @@ def print_goals(rows: list[dict]) -> None:
     if loss_only:
         worst = max(loss_only, key=lambda r: r["ratio"])
         over = sorted({r["method"] for r in loss_only if r["ratio"] > 1.05})
+        floor = [r for r in timed if r["method"] == CHECKED_SUM]
+        floor_note = (
+            f"; the checked sum, its floor: {min(r['ratio'] for r in floor):.2f}x to "
+            f"{max(r['ratio'] for r in floor):.2f}x"
+            if floor
+            else ""
+        )
         print(
             f"- loss-only methods <= 1.05x plain: {'met' if not over else 'MISSED'} (worst "
             f"{worst['ratio']:.2f}x: {worst['method']}, {worst['model']}, K={worst['K']}; "
             f"{len([r for r in loss_only if r['ratio'] > 1.05])} of {len(loss_only)} rows "
-            f"above 1.05x{': ' + ', '.join(over) if over else ''})"
+            f"above 1.05x{': ' + ', '.join(over) if over else ''}{floor_note})"
         )
     for r in timed:
         if r["method"] == "mgda-ub" and r["K"] == 8:

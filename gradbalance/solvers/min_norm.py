@@ -18,10 +18,12 @@ import math
 import warnings
 from typing import Literal, overload
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from gradbalance.errors import NonFiniteError
+from gradbalance.solvers._small import SMALL_MAX_K, solve_small
 from gradbalance.solvers._threads import cpu_single_thread
 from gradbalance.solvers.qp import (
     _RIDGE,
@@ -162,6 +164,33 @@ def _solve_two_scalar(G: Tensor, check: bool, return_gap: bool) -> Tensor | tupl
     return w, torch.tensor(gap, dtype=torch.float64)
 
 
+def _min_norm_small(
+    G: Tensor, tol: float, iters: int, return_gap: bool
+) -> Tensor | tuple[Tensor, Tensor] | None:
+    """One small Gramian on CPU by `solve_small`, accepted only with a verified duality gap of
+    at most ``tol`` (relative to ``max(diag G)``); ``None`` sends the caller to the batched
+    solver."""
+    k = G.shape[-1]
+    tol = max(tol, torch.finfo(G.dtype).eps) if G.dtype != torch.float64 else tol
+    g = G.to(torch.float64).numpy()
+    g = 0.5 * (g + g.T)
+    scale = float(np.diagonal(g).max())
+    if not scale > 0:
+        return None  # a zero Gramian: the batched path returns the uniform weights
+    g = g / scale
+    w = solve_small(g, _RIDGE, 3 * k + 20)
+    if w is None:
+        return None
+    gw = g @ w
+    gap = float(w @ gw - gw.min())
+    if not gap <= tol:
+        return None
+    out = torch.from_numpy(w).to(G.dtype)
+    if return_gap:
+        return out, torch.tensor(max(gap, 0.0) * scale, dtype=torch.float64)
+    return out
+
+
 @overload
 def min_norm(
     G: Tensor,
@@ -221,6 +250,11 @@ def min_norm(
       whose solution is $u^\star = w^\star / (1 + w^{\star\top} G w^\star)$, and solved by
       block principal pivoting with a primal active-set (Wolfe / Lawson-Hanson) finish, which
       stops on the duality gap.
+
+    A single Gramian with ``3 <= K <= 24`` on CPU (the usual training step) is first solved by
+    Lawson-Hanson's active-set method on NumPy arrays (`gradbalance.solvers._small`), which
+    skips the tensor dispatch the batched code pays per operation; its answer is returned only
+    if its duality gap is at most ``tol``, otherwise the batched path above solves it.
 
     Differences from the paper's solver: no Frank-Wolfe iterations (the active-set method
     terminates at the exact optimum instead of approaching it at a sublinear rate), no pairwise
@@ -296,6 +330,10 @@ def min_norm(
         return _solve_two_scalar(G, check, return_gap)
     if check and not bool(torch.isfinite(G).all()):
         raise NonFiniteError(_NONFINITE)
+    if 3 <= k <= SMALL_MAX_K and G.dim() == 2 and G.device.type == "cpu" and not _is_compiling():
+        fast = _min_norm_small(G, tol, iters, return_gap)
+        if fast is not None:
+            return fast
     batch = G.shape[:-2]
     # a Gramian stored in lower precision is only known to its machine epsilon (and is often
     # slightly indefinite after rounding): asking for more than that only burns iterations

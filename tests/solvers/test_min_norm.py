@@ -339,3 +339,35 @@ def test_two_task_scalar_and_batched_paths_agree(case):
     wb, gapb = min_norm(g[None], return_gap=True)  # batched tensor closed form
     torch.testing.assert_close(w, wb[0], atol=1e-15, rtol=0)
     assert abs(gap.item() - gapb[0].item()) <= 1e-15 * g.diagonal().max().item()
+
+
+# ------------------------------------------------------------- the small single-problem path
+
+
+@SETTINGS
+@given(gramians())
+def test_single_small_problem_path_matches_batched_path(case):
+    # one Gramian with 3 <= K <= 24 on CPU takes the NumPy active-set path; a batch of one
+    # takes the batched tensor path: both exact, same optimal value
+    family, g = case
+    w_single, gap_single = min_norm(g, return_gap=True)
+    w_batch, gap_batch = min_norm(g.unsqueeze(0), return_gap=True)
+    scale = g.diagonal().max().item()
+    assert_on_simplex(w_single)
+    assert gap_single.item() <= EXACT * scale and gap_batch.item() <= EXACT * scale, family
+    assert abs(objective(g, w_single) - objective(g, w_batch[0])) <= 2 * EXACT * scale
+
+
+@pytest.mark.parametrize("answer", ["uniform", "none"])
+def test_small_path_answers_are_verified(monkeypatch, answer):
+    import sys
+
+    module = sys.modules["gradbalance.solvers.min_norm"]
+    j = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 3.0]], dtype=torch.float64)
+    g = j @ j.T  # optimum: w proportional to 1 / G_ii = (36, 9, 4) / 49, not uniform
+    expected = torch.tensor([36.0, 9.0, 4.0], dtype=torch.float64) / 49
+    wrong = {"uniform": lambda q, ridge, iters: np.full(q.shape[0], 1 / q.shape[0])}
+    monkeypatch.setattr(module, "solve_small", wrong.get(answer, lambda q, ridge, iters: None))
+    w, gap = min_norm(g, return_gap=True)  # the gap check rejects the answer: batched path
+    torch.testing.assert_close(w, expected)
+    assert gap.item() <= EXACT * 9

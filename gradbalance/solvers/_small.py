@@ -18,6 +18,27 @@ from scipy.linalg.lapack import dgesv as _dgesv
 SMALL_MAX_K = 24
 
 
+def _warm_start(q: np.ndarray, ones: np.ndarray) -> np.ndarray:
+    """A feasible start for the active set: the solution on the full support when it is
+    positive (tasks that all pull apart, the usual optimum), else the solution on the support of
+    its positive part when that one is positive, else zero. Each is the optimum of the problem
+    restricted to its support, as the method requires of its iterates."""
+    k = q.shape[0]
+    _, _, z, info = _dgesv(q, ones)
+    if info != 0 or not np.all(np.isfinite(z)):
+        return np.zeros(k)
+    if np.all(z > 0):
+        return z
+    idx = np.flatnonzero(z > 0)
+    if idx.size == 0:
+        return np.zeros(k)
+    _, _, z_p, info = _dgesv(q[idx][:, idx], ones[: idx.size])
+    u = np.zeros(k)
+    if info == 0 and np.all(np.isfinite(z_p)) and np.all(z_p > 0):
+        u[idx] = z_p
+    return u
+
+
 def solve_small(g: np.ndarray, ridge: float, max_iter: int) -> np.ndarray | None:
     r"""Weights on the simplex minimising ``wᵀ g w`` for one symmetric ``g`` (float64, ``K ≥ 3``,
     scaled so that its largest diagonal entry is 1), or ``None`` when the method stalls.
@@ -25,14 +46,15 @@ def solve_small(g: np.ndarray, ridge: float, max_iter: int) -> np.ndarray | None
     Solves $\min_{u \ge 0} \tfrac12 u^\top Q u - \mathbf 1^\top u$ with
     $Q = g + \mathbf 1 \mathbf 1^\top + \text{ridge}\, I$ by Lawson-Hanson's active-set method
     (each passive set's equality-constrained solution, stepping back to feasibility when a
-    component turns non-positive), then returns $w = u / \mathbf 1^\top u$.
+    component turns non-positive), warm-started by `_warm_start`, then returns
+    $w = u / \mathbf 1^\top u$.
     """
     k = g.shape[0]
     q = g + 1.0 + ridge * np.eye(k)
-    u = np.zeros(k)
-    passive = np.zeros(k, dtype=bool)
-    grad = -np.ones(k)  # Q u - 1 at u = 0
     ones = np.ones(k)
+    u = _warm_start(q, ones)
+    passive = u > 0
+    grad = q @ u - 1.0
     for _ in range(max_iter):
         # the most negative gradient entry off the passive set enters it
         candidates = np.where(passive, np.inf, grad)

@@ -49,6 +49,12 @@ def solve_small(g: np.ndarray, ridge: float, max_iter: int) -> np.ndarray | None
     component turns non-positive), warm-started by `_warm_start`, then returns
     $w = u / \mathbf 1^\top u$.
     """
+    # a degenerate step (0 / 0) gives NaN, which ends in a fallback: no warning for it
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        return _active_set(g, ridge, max_iter)
+
+
+def _active_set(g: np.ndarray, ridge: float, max_iter: int) -> np.ndarray | None:
     k = g.shape[0]
     q = g + 1.0 + ridge * np.eye(k)
     ones = np.ones(k)

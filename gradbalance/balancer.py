@@ -553,7 +553,8 @@ class GradBalancer(Optimizer):
 
     @property
     def last_weights(self) -> Tensor | None:
-        """The weights of the last `backward`, in the balancer's task order."""
+        """The weights of the last `backward`, in the balancer's task order (a fresh copy in
+        the default dtype on each access; NaN after a skipped step)."""
         w = self._last_weights
         return None if w is None else w.to(torch.get_default_dtype(), copy=True)
 

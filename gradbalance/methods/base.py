@@ -93,7 +93,8 @@ class Method(nn.Module):
     """Base class of the balancing methods.
 
     Subclasses set the class attributes and implement `weights`; stateful methods also
-    implement `update` (and create their parameters/buffers in `bind`).
+    implement `update` (and create their parameters/buffers in `build`, which the first `bind`
+    runs).
 
     Class attributes:
         name: the registry name (``"equal"``, ``"mgda"``, ...).
@@ -195,15 +196,27 @@ class Method(nn.Module):
     def bind(self, tasks: tuple[str, ...]) -> None:
         """Tell the method the task names (and so ``K``). Called once, before the first step.
 
-        Subclasses that need ``K`` to build parameters or buffers override this, call
-        ``super().bind(tasks)`` first, then create them.
+        The first call runs `build`; later calls with the same tasks do nothing, and other tasks
+        raise ``ValueError``.
         """
-        if self._tasks is not None and tuple(tasks) != self._tasks:
-            raise ValueError(
-                f"method {self.name!r} is bound to tasks {list(self._tasks)}, "
-                f"cannot rebind it to {list(tasks)}"
-            )
-        self._tasks = tuple(tasks)
+        tasks = tuple(tasks)
+        if self._tasks is not None:
+            if tasks != self._tasks:
+                raise ValueError(
+                    f"method {self.name!r} is bound to tasks {list(self._tasks)}, "
+                    f"cannot rebind it to {list(tasks)}"
+                )
+            return
+        self.build(tasks)
+        self._tasks = tasks
+
+    def build(self, tasks: tuple[str, ...]) -> None:
+        """Create what depends on the tasks (buffers, parameters, per-task options).
+
+        Called by the first `bind`, before the method counts as bound: subclasses that need
+        ``K`` override this, validate their per-task options first and raise to refuse the
+        tasks (the method then stays unbound). Does nothing by default.
+        """
 
     def weights(self, inputs: StepInputs) -> Tensor:
         """Return one weight per task (shape ``(K,)``) without changing any state.

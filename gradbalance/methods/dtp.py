@@ -112,12 +112,8 @@ class DTP(Method):
         self.eps = e
         self._gammas: list[float] = []
 
-    def bind(self, tasks: tuple[str, ...]) -> None:
-        if self.is_bound:
-            super().bind(tasks)
-            return
+    def build(self, tasks: tuple[str, ...]) -> None:
         gammas = per_task(self._gamma_spec, tuple(tasks), "gamma", _gamma)
-        super().bind(tasks)
         self._gammas = gammas
         self.register_buffer("kpi_average", torch.zeros(len(tasks), dtype=torch.float64))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))

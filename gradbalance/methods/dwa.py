@@ -92,11 +92,7 @@ class DWA(Method):
         self.temperature = t
         self.window = window
 
-    def bind(self, tasks: tuple[str, ...]) -> None:
-        if self.is_bound:
-            super().bind(tasks)
-            return
-        super().bind(tasks)
+    def build(self, tasks: tuple[str, ...]) -> None:
         k = len(tasks)
         # Sum and count of the losses of the epoch in progress.
         self.register_buffer("epoch_loss_sum", torch.zeros(k, dtype=torch.float64))

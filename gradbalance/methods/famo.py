@@ -139,12 +139,8 @@ class FAMO(Method):
         self._min_spec = min_losses
         self._min: list[float] = []
 
-    def bind(self, tasks: tuple[str, ...]) -> None:
-        if self.is_bound:
-            super().bind(tasks)
-            return
+    def build(self, tasks: tuple[str, ...]) -> None:
         mins = per_task(self._min_spec, tuple(tasks), "min_losses", finite_float)
-        super().bind(tasks)
         self._min = mins
         k = len(tasks)
         f64 = torch.float64

@@ -61,7 +61,7 @@ class Fixed(Method):
         """Placeholder weights (all 1) for tools that sweep over every method."""
         return {"weights": [1.0] * len(tasks)}
 
-    def bind(self, tasks: tuple[str, ...]) -> None:
+    def build(self, tasks: tuple[str, ...]) -> None:
         if isinstance(self._spec, dict):
             missing = [t for t in tasks if t not in self._spec]
             extra = [t for t in self._spec if t not in tasks]
@@ -75,7 +75,6 @@ class Fixed(Method):
                 f"fixed weights has {len(self._spec)} entries but there are {len(tasks)} tasks "
                 f"{list(tasks)}"
             )
-        super().bind(tasks)
 
     def weights(self, inputs: StepInputs) -> Tensor:
         if isinstance(self._spec, dict):

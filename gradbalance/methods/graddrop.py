@@ -126,12 +126,8 @@ class GradDrop(_Seeded):
         self._leaks: list[float] = []
         self.sum_batch = sum_batch
 
-    def bind(self, tasks: tuple[str, ...]) -> None:
-        if self.is_bound:
-            super().bind(tasks)
-            return
+    def build(self, tasks: tuple[str, ...]) -> None:
         leaks = per_task(self._leak_spec, tuple(tasks), "leak", _leak)
-        super().bind(tasks)
         self._leaks = leaks
 
     def weights(self, inputs: StepInputs) -> Tensor:

@@ -129,11 +129,7 @@ class GradNorm(Method):
         self.betas = betas_
         self.eps = eps_
 
-    def bind(self, tasks: tuple[str, ...]) -> None:
-        if self.is_bound:
-            super().bind(tasks)
-            return
-        super().bind(tasks)
+    def build(self, tasks: tuple[str, ...]) -> None:
         k = len(tasks)
         f64 = torch.float64
         self.register_buffer("weight", torch.ones(k, dtype=f64))

@@ -156,11 +156,7 @@ class GradVac(SeededOrders):
         self.beta = b
         self.eps = e
 
-    def bind(self, tasks: tuple[str, ...]) -> None:
-        if self.is_bound:
-            super().bind(tasks)
-            return
-        super().bind(tasks)
+    def build(self, tasks: tuple[str, ...]) -> None:
         k = len(tasks)
         self.register_buffer("targets", torch.zeros(k, k, dtype=torch.float64))
 

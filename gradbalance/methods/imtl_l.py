@@ -88,12 +88,8 @@ class IMTLL(Method):
         self._lr, self._weight_decay = check_group_options(lr, weight_decay)
         self._init_spec = init
 
-    def bind(self, tasks: tuple[str, ...]) -> None:
-        if self.is_bound:
-            super().bind(tasks)
-            return
+    def build(self, tasks: tuple[str, ...]) -> None:
         init = per_task(self._init_spec, tuple(tasks), "init", finite_float)
-        super().bind(tasks)
         self.log_scales = nn.Parameter(torch.tensor(init, dtype=torch.get_default_dtype()))
 
     def _check_bound(self, inputs: StepInputs) -> None:

@@ -130,11 +130,7 @@ class MoCo(Method):
         self.rho = _non_negative("rho", rho)
         self.normalize = normalize
 
-    def bind(self, tasks: tuple[str, ...]) -> None:
-        if self.is_bound:
-            super().bind(tasks)
-            return
-        super().bind(tasks)
+    def build(self, tasks: tuple[str, ...]) -> None:
         k = len(tasks)
         self.register_buffer("lam", torch.full((k,), 1.0 / k, dtype=torch.float64))
         self.register_buffer("moco_steps", torch.zeros((), dtype=torch.long))

@@ -157,11 +157,7 @@ class NashMTL(Method):
         """The solver in use: ``"cvxpy"`` or ``"newton"`` (``"auto"`` resolved)."""
         return self.solver
 
-    def bind(self, tasks: tuple[str, ...]) -> None:
-        if self.is_bound:
-            super().bind(tasks)
-            return
-        super().bind(tasks)
+    def build(self, tasks: tuple[str, ...]) -> None:
         # the weights of the last applied step (warm start, and reused between updates)
         self.register_buffer("alpha", torch.zeros(len(tasks), dtype=torch.float64))
         self.register_buffer("has_alpha", torch.zeros((), dtype=torch.bool))

@@ -124,16 +124,12 @@ class Uncertainty(Method):
         self._types: list[str] = []
 
     # ------------------------------------------------------------------ life cycle
-    def bind(self, tasks: tuple[str, ...]) -> None:
-        if self.is_bound:
-            super().bind(tasks)
-            return
+    def build(self, tasks: tuple[str, ...]) -> None:
         types = per_task(self._task_types_spec, tuple(tasks), "task_types", _task_type)
         init = per_task(self._init_spec, tuple(tasks), "init", finite_float)
-        super().bind(tasks)
         self._types = types
         self.log_vars = nn.Parameter(torch.tensor(init, dtype=torch.get_default_dtype()))
-        # derived from the task types (not state): rebuilt by bind, moved by .to()
+        # derived from the task types (not state): built here, moved by .to()
         coefficients = torch.tensor([_TASK_TYPES[t] for t in types], dtype=torch.float64)
         self.register_buffer("_coefficient_buffer", coefficients, persistent=False)
 

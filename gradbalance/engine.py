@@ -100,7 +100,7 @@ class TaskGradients:
         flat: the ``(K, P)`` matrix, or ``None``.
     """
 
-    __slots__ = ("_like", "_reached", "_rows", "_task_reached", "flat", "others")
+    __slots__ = ("_like", "_rows", "_task_reached", "flat", "others")
 
     def __init__(
         self,
@@ -119,9 +119,6 @@ class TaskGradients:
         self.flat = flat
         # with flat: per shared tensor, a tensor of its shape (where some task reaches it)
         self._like = like
-        self._reached = None if rows is None else [r is not None for r in rows]
-        if rows is None:
-            self._reached = [t is not None for t in like]  # type: ignore[union-attr]
 
     @property
     def rows(self) -> list[Tensor | None]:
@@ -143,14 +140,14 @@ class TaskGradients:
     @rows.setter
     def rows(self, value: list[Tensor | None]) -> None:
         self._rows = value
-        self._reached = [r is not None for r in value]
         self.flat = None
 
     @property
     def reached(self) -> list[bool]:
         """For each shared tensor, whether some task reaches it (without building ``rows``)."""
-        assert self._reached is not None
-        return self._reached
+        present = self._rows if self._rows is not None else self._like
+        assert present is not None
+        return [t is not None for t in present]
 
     @property
     def task_reached(self) -> list[bool]:
@@ -289,13 +286,18 @@ def _loop_result(
     by_task: list[tuple[Tensor | None, ...]],
     shared: Sequence[Tensor],
     summed: list[Tensor | None],
+    task_reached: list[bool] | None = None,
 ) -> TaskGradients:
     """The loop strategy's Jacobian as one ``(K, P)`` matrix: one flatten of all the task
     gradients, task after task (zeros where a task misses a tensor another task reaches);
-    per-tensor stacks when the shared tensors differ in dtype or device."""
+    per-tensor stacks when the shared tensors differ in dtype or device. ``task_reached``
+    defaults to whether each task reaches some shared tensor."""
     k = len(by_task)
     complete = [all(g is not None for g in grads) for grads in by_task]
-    task_reached = [c or any(g is not None for g in grads) for c, grads in zip(complete, by_task)]
+    if task_reached is None:
+        task_reached = [
+            c or any(g is not None for g in grads) for c, grads in zip(complete, by_task)
+        ]
     if all(complete):  # the common case: every task reaches every shared tensor
         firsts: list[Tensor | None] = list(by_task[0]) if by_task else []
     else:
@@ -627,9 +629,7 @@ def chained_gradients(
         acc = summed[j]
         summed[j] = part if acc is None else acc.add_(part)
     if not batched:
-        result = _loop_result(by_task, shared, summed)
-        result.task_reached = task_reached
-        return result
+        return _loop_result(by_task, shared, summed, task_reached)
     return _rows_result(trunk[:n_shared], shared, summed, task_reached)
 
 

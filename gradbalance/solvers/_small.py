@@ -18,23 +18,28 @@ from scipy.linalg.lapack import dgesv as _dgesv
 SMALL_MAX_K = 24
 
 
+def _solve_on(q: np.ndarray, idx: np.ndarray, ones: np.ndarray) -> np.ndarray | None:
+    """The solution of ``q[idx, idx] z = 1``, or ``None`` when that system is singular."""
+    # LAPACK's gesv directly: numpy's and scipy's wrappers cost 5-20x the solve here
+    _, _, z, info = _dgesv(q[idx][:, idx], ones[: idx.size])
+    return z if info == 0 and np.all(np.isfinite(z)) else None
+
+
 def _warm_start(q: np.ndarray, ones: np.ndarray) -> np.ndarray:
     """A feasible start for the active set: the solution on the full support when it is
     positive (tasks that all pull apart, the usual optimum), else the solution on the support of
     its positive part when that one is positive, else zero. Each is the optimum of the problem
     restricted to its support, as the method requires of its iterates."""
     k = q.shape[0]
-    _, _, z, info = _dgesv(q, ones)
-    if info != 0 or not np.all(np.isfinite(z)):
-        return np.zeros(k)
+    u = np.zeros(k)
+    z = _solve_on(q, np.arange(k), ones)
+    if z is None:
+        return u
     if np.all(z > 0):
         return z
     idx = np.flatnonzero(z > 0)
-    if idx.size == 0:
-        return np.zeros(k)
-    _, _, z_p, info = _dgesv(q[idx][:, idx], ones[: idx.size])
-    u = np.zeros(k)
-    if info == 0 and np.all(np.isfinite(z_p)) and np.all(z_p > 0):
+    z_p = _solve_on(q, idx, ones) if idx.size else None
+    if z_p is not None and np.all(z_p > 0):
         u[idx] = z_p
     return u
 
@@ -70,9 +75,8 @@ def _active_set(g: np.ndarray, ridge: float, max_iter: int) -> np.ndarray | None
         passive[j] = True
         while True:
             idx = np.flatnonzero(passive)
-            # LAPACK's gesv directly: numpy's and scipy's wrappers cost 5-20x the solve here
-            _, _, z_p, info = _dgesv(q[idx][:, idx], ones[: idx.size])
-            if info != 0 or not np.all(np.isfinite(z_p)):
+            z_p = _solve_on(q, idx, ones)
+            if z_p is None:
                 return None
             if np.all(z_p > 0):
                 u = np.zeros(k)

@@ -165,13 +165,12 @@ def _solve_two_scalar(G: Tensor, check: bool, return_gap: bool) -> Tensor | tupl
 
 
 def _min_norm_small(
-    G: Tensor, tol: float, iters: int, return_gap: bool
+    G: Tensor, tol: float, return_gap: bool
 ) -> Tensor | tuple[Tensor, Tensor] | None:
     """One small Gramian on CPU by `solve_small`, accepted only with a verified duality gap of
     at most ``tol`` (relative to ``max(diag G)``); ``None`` sends the caller to the batched
     solver."""
     k = G.shape[-1]
-    tol = max(tol, torch.finfo(G.dtype).eps) if G.dtype != torch.float64 else tol
     g = G.to(torch.float64).numpy()
     g = 0.5 * (g + g.T)
     scale = float(np.diagonal(g).max())
@@ -330,14 +329,14 @@ def min_norm(
         return _solve_two_scalar(G, check, return_gap)
     if check and not bool(torch.isfinite(G).all()):
         raise NonFiniteError(_NONFINITE)
-    if 3 <= k <= SMALL_MAX_K and G.dim() == 2 and G.device.type == "cpu" and not _is_compiling():
-        fast = _min_norm_small(G, tol, iters, return_gap)
-        if fast is not None:
-            return fast
-    batch = G.shape[:-2]
     # a Gramian stored in lower precision is only known to its machine epsilon (and is often
     # slightly indefinite after rounding): asking for more than that only burns iterations
     tol = max(tol, torch.finfo(G.dtype).eps) if G.dtype != torch.float64 else tol
+    if 3 <= k <= SMALL_MAX_K and G.dim() == 2 and G.device.type == "cpu" and not _is_compiling():
+        fast = _min_norm_small(G, tol, return_gap)
+        if fast is not None:
+            return fast
+    batch = G.shape[:-2]
     g = G.reshape(-1, k, k).to(torch.float64)
     scale = None
     if k == 1:

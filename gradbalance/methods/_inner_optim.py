@@ -12,6 +12,8 @@ from typing import Any
 
 from torch import Tensor
 
+from gradbalance.errors import OptionError
+
 __all__ = ["OPTIMIZERS", "adam_direction", "check_options"]
 
 OPTIMIZERS = ("adam", "sgd")
@@ -30,14 +32,14 @@ def check_options(
     """
     rate = float(lr)
     if not math.isfinite(rate) or rate <= 0:
-        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+        raise OptionError(f"lr must be a positive finite number, got {lr!r}")
     if not isinstance(kind, str) or kind.lower() not in OPTIMIZERS:
-        raise ValueError(f"{kind_arg} must be one of {OPTIMIZERS}, got {kind!r}")
+        raise OptionError(f"{kind_arg} must be one of {OPTIMIZERS}, got {kind!r}")
     b1, b2 = (float(b) for b in betas)
     if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
-        raise ValueError(f"betas must lie in [0, 1), got {betas!r}")
+        raise OptionError(f"betas must lie in [0, 1), got {betas!r}")
     if not math.isfinite(float(eps)) or float(eps) <= 0:
-        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+        raise OptionError(f"eps must be a positive finite number, got {eps!r}")
     return kind.lower(), rate, (b1, b2), float(eps)
 
 

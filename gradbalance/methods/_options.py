@@ -8,6 +8,8 @@ from typing import Any, TypeVar
 
 from torch import Tensor
 
+from gradbalance.errors import OptionError
+
 __all__ = ["check_group_options", "finite_float", "group_options", "per_task"]
 
 T = TypeVar("T")
@@ -36,7 +38,7 @@ def per_task(
         missing = [t for t in tasks if t not in spec]
         unknown = [str(t) for t in spec if t not in tasks]
         if missing or unknown:
-            raise ValueError(
+            raise OptionError(
                 f"{what} names tasks {[str(t) for t in spec]}, but the tasks are {list(tasks)} "
                 f"(missing: {missing}, unknown: {unknown}); give one value per task"
             )
@@ -49,7 +51,7 @@ def per_task(
         return [convert(spec)] * len(tasks)
     values = list(spec)
     if len(values) != len(tasks):
-        raise ValueError(
+        raise OptionError(
             f"{what} has {len(values)} entries but there are {len(tasks)} tasks {list(tasks)}; "
             "give one value per task (or a single value, or a mapping task -> value)"
         )
@@ -60,7 +62,7 @@ def finite_float(value: Any) -> float:
     """``float(value)``, refusing NaN and infinities (a `per_task` converter)."""
     x = float(value)
     if not math.isfinite(x):
-        raise ValueError(f"expected a finite number, got {value!r}")
+        raise OptionError(f"expected a finite number, got {value!r}")
     return x
 
 
@@ -68,9 +70,9 @@ def check_group_options(lr: Any, weight_decay: Any) -> tuple[float | None, float
     """Validate the ``lr`` (``None``: the inner optimizer's) and ``weight_decay`` of the param
     group that holds a method's learnable parameters; return them as floats."""
     if lr is not None and (not math.isfinite(float(lr)) or float(lr) <= 0):
-        raise ValueError(f"lr must be a positive finite number or None, got {lr!r}")
+        raise OptionError(f"lr must be a positive finite number or None, got {lr!r}")
     if not math.isfinite(float(weight_decay)) or float(weight_decay) < 0:
-        raise ValueError(f"weight_decay must be non-negative, got {weight_decay!r}")
+        raise OptionError(f"weight_decay must be non-negative, got {weight_decay!r}")
     return (None if lr is None else float(lr)), float(weight_decay)
 
 

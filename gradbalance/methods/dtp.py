@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradbalance.errors import MissingInputError
+from gradbalance.errors import MissingInputError, OptionError
 from gradbalance.methods._options import per_task
 from gradbalance.methods.base import KPIS, LOSSES, Method, StepInputs, as_float64
 from gradbalance.methods.registry import register
@@ -20,7 +20,7 @@ __all__ = ["DTP"]
 def _gamma(value: Any) -> float:
     x = float(value)
     if not math.isfinite(x) or x < 0:
-        raise ValueError(f"gamma must be a finite non-negative number, got {value!r}")
+        raise OptionError(f"gamma must be a finite non-negative number, got {value!r}")
     return x
 
 
@@ -64,7 +64,9 @@ class DTP(Method):
     Raises:
         MissingInputError: (from ``GradBalancer.backward``) when ``kpis`` is missing or
             does not name every task.
-        ValueError: (from ``GradBalancer.backward``) when a KPI is outside ``[0, 1]``.
+        MissingInputError: (from ``GradBalancer.backward``, also a ``ValueError``) when a KPI
+            is outside ``[0, 1]`` or not finite.
+        OptionError: (a ``ValueError``) when ``alpha``, ``eps`` or a ``gamma`` is out of range.
 
     Example:
         >>> import torch, gradbalance as gb
@@ -103,10 +105,10 @@ class DTP(Method):
             _gamma(gamma)
         a = float(alpha)
         if not math.isfinite(a) or not 0.0 < a <= 1.0:
-            raise ValueError(f"alpha must lie in (0, 1], got {alpha!r}")
+            raise OptionError(f"alpha must lie in (0, 1], got {alpha!r}")
         e = float(eps)
         if not math.isfinite(e) or not 0.0 < e < 0.5:
-            raise ValueError(f"eps must lie in (0, 0.5), got {eps!r}")
+            raise OptionError(f"eps must lie in (0, 0.5), got {eps!r}")
         self._gamma_spec = gamma
         self.alpha = a
         self.eps = e

@@ -9,6 +9,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from gradbalance.errors import OptionError
 from gradbalance.methods.base import LOSSES, Method, StepInputs, as_float64
 from gradbalance.methods.registry import register
 
@@ -44,8 +45,11 @@ class DWA(Method):
     Deviations from the paper: none in the formula (the MTAN code uses the same epochs). The
     ``window`` option is an addition for training without epochs; with it each call of
     ``backward`` that is followed by a real step counts as one step (so under
-    gradient accumulation each micro-batch counts). The ratio's denominator is floored at
-    ``1e-12`` so an epoch with mean loss 0 does not divide by zero; DWA assumes positive losses.
+    gradient accumulation each micro-batch counts). If ``epoch_warning_steps`` (1000) steps
+    are applied without any epoch closed (no ``end_epoch``, no ``window``), a ``UserWarning``
+    says so, once per instance: the weights would otherwise stay 1 silently. The ratio's
+    denominator is floored at ``1e-12`` so an epoch with mean loss 0 does not divide by zero;
+    DWA assumes positive losses.
 
     Args:
         temperature: ``T > 0``; larger values make the weights more uniform.
@@ -80,15 +84,21 @@ class DWA(Method):
     epoch_means: Tensor
     epochs: Tensor
 
+    #: Applied steps after which a DWA that never closed an epoch (no ``end_epoch`` call, no
+    #: ``window``) warns, once per instance, that its weights are still all 1. Set it on the
+    #: class or the instance to move (or, with a huge value, silence) that warning.
+    epoch_warning_steps: int = 1000
+
     def __init__(self, temperature: float = 2.0, window: int | None = None) -> None:
         super().__init__()
+        self._warned_no_epoch = False
         t = float(temperature)
         if not math.isfinite(t) or t <= 0:
-            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+            raise OptionError(f"temperature must be a positive finite number, got {temperature!r}")
         if window is not None and (
             isinstance(window, bool) or not isinstance(window, int) or window < 1
         ):
-            raise ValueError(f"window must be a positive int (steps) or None, got {window!r}")
+            raise OptionError(f"window must be a positive int (steps) or None, got {window!r}")
         self.temperature = t
         self.window = window
 
@@ -122,6 +132,22 @@ class DWA(Method):
         self.epoch_steps.add_(1)
         if self.window is not None and int(self.epoch_steps) >= self.window:
             self._close_epoch()
+        elif (
+            self.window is None
+            and not self._warned_no_epoch
+            and int(self.epochs) == 0
+            and int(self.epoch_steps) >= self.epoch_warning_steps
+        ):
+            self._warned_no_epoch = True
+            warnings.warn(
+                f"DWA: {int(self.epoch_steps)} steps were applied but no epoch was ever closed, "
+                "so the weights are still all 1 (DWA needs two closed epochs). Call "
+                "opt.end_epoch() at the end of every epoch, or pass window=N to close a virtual "
+                "epoch every N steps. If your first epoch really is longer, ignore this (or "
+                "raise DWA.epoch_warning_steps).",
+                UserWarning,
+                stacklevel=2,
+            )
 
     # ------------------------------------------------------------------ epochs
     def end_epoch(self) -> None:

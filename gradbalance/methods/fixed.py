@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gradbalance.errors import OptionError, OptionTypeError
 from gradbalance.methods.base import LOSSES, Method, StepInputs
 from gradbalance.methods.registry import register
 
@@ -44,17 +45,17 @@ class Fixed(Method):
             }
         else:
             if isinstance(weights, (str, bytes)) or not isinstance(weights, (Sequence, Tensor)):
-                raise TypeError(
+                raise OptionTypeError(
                     "weights must be a sequence or a mapping of floats, "
                     f"got {type(weights).__name__}"
                 )
             values = [float(v) for v in weights]
             self._spec = values
         if len(values) == 0:
-            raise ValueError("weights must not be empty")
+            raise OptionError("weights must not be empty")
         for v in values:
             if not math.isfinite(float(v)) or float(v) < 0:
-                raise ValueError(f"weights must be finite and non-negative, got {values}")
+                raise OptionError(f"weights must be finite and non-negative, got {values}")
 
     @classmethod
     def example_options(cls, tasks: tuple[str, ...]) -> dict[str, Any]:
@@ -66,12 +67,12 @@ class Fixed(Method):
             missing = [t for t in tasks if t not in self._spec]
             extra = [t for t in self._spec if t not in tasks]
             if missing or extra:
-                raise ValueError(
+                raise OptionError(
                     f"fixed weights name tasks {list(self._spec)}, but the tasks are "
                     f"{list(tasks)} (missing: {missing}, unknown: {extra})"
                 )
         elif len(self._spec) != len(tasks):
-            raise ValueError(
+            raise OptionError(
                 f"fixed weights has {len(self._spec)} entries but there are {len(tasks)} tasks "
                 f"{list(tasks)}"
             )

@@ -8,12 +8,16 @@ import warnings
 import torch
 from torch import Tensor
 
-from gradbalance.errors import LossError, MissingInputError
+from gradbalance.errors import LossError, MissingInputError, OptionError
 from gradbalance.methods._inner_optim import adam_direction, check_options
 from gradbalance.methods.base import LAST_SHARED_GRAMIAN, LOSSES, Method, StepInputs, as_float64
 from gradbalance.methods.registry import register
 
 __all__ = ["GradNorm"]
+
+#: A weight step may take a weight down to this fraction of its value, never lower (so the
+#: weights stay strictly positive); see "Deviations" in the class docstring.
+_MIN_SHRINK = 0.5
 
 
 @register
@@ -22,7 +26,7 @@ class GradNorm(Method):
 
     Chen, Badrinarayanan, Lee & Rabinovich, *GradNorm: Gradient Normalization for Adaptive Loss
     Balancing in Deep Multitask Networks*, ICML 2018. With ``W`` the last shared layer and
-    ``w_i ≥ 0`` the loss weights (``Σ w_i = K``):
+    ``w_i > 0`` the loss weights (``Σ w_i = K``):
 
     $$
     G_i = \|\nabla_W\, w_i L_i\| = w_i \|\nabla_W L_i\|,\quad
@@ -38,7 +42,8 @@ class GradNorm(Method):
     where the target ``Ḡ·r_i^α`` is held constant, ``Ḡ`` included: no gradient flows through
     it (the paper does so to keep the weights from drifting to zero). The network is trained
     on ``Σ w_i L_i`` with the current weights; the weights then take one step of their own
-    optimizer on ``∂L_grad/∂w`` and are renormalised so that ``Σ w_i = K``.
+    optimizer on ``∂L_grad/∂w`` (no weight falling below half its value, see below) and are
+    renormalised so that ``Σ w_i = K``.
 
     Because ``G_i = w_i‖∇_W L_i‖`` and the target is constant, the gradient is closed form:
 
@@ -53,16 +58,20 @@ class GradNorm(Method):
     ``‖∇_W L_i‖`` are the square roots of the diagonal of the last-shared-layer Gramian that
     ``GradBalancer`` computes (``K`` extra backwards restricted to ``W``). Name ``W``
     with ``GradBalancer(..., last_shared=model.last_layer)``; by default it is the last shared
-    parameter tensor (with its weight when that is a bias).
+    layer in execution order, found from the autograd graph (see ``GradBalancer``).
 
     ``L_i(0)`` are the losses of the first applied step. ``α`` is the asymmetry: ``0`` asks
     for equal gradient norms; the paper uses ``α = 1.5`` on NYUv2 and ``α = 0.12`` on its
     synthetic regression.
 
-    Deviations from the paper: after each step the weights are clamped at ``0`` before the
-    renormalisation (the paper does not say what happens to a weight that a step makes
-    negative); if every weight would be ``0`` the step of the weights is dropped with a
-    warning. The paper does not give a separate learning rate for the weights;
+    Deviations from the paper: a step of the weights may shrink a weight at most to half its
+    value, ``w_i ← max(w_i − Δ_i, w_i / 2)``, before the renormalisation, so the weights stay
+    strictly positive (the paper does not say what happens to a weight that a step makes
+    negative; it only requires ``w_i > 0``). Clamping at ``0`` instead would zero a weight whose
+    target is below one step of the weights' optimizer (e.g. about ``0.02`` against Adam's step
+    of about ``lr = 0.025`` on the paper's two-task toy with ``σ = (1, 100)``) and cut that
+    task's gradient off entirely on such steps. A non-finite step of the weights is dropped
+    with a warning. The paper does not give a separate learning rate for the weights;
     ``lr = 0.025`` is this library's default. With gradient accumulation the weights take one
     step per ``backward`` call.
 
@@ -119,7 +128,7 @@ class GradNorm(Method):
         super().__init__()
         a = float(alpha)
         if not math.isfinite(a) or a < 0:
-            raise ValueError(f"alpha must be a finite non-negative number, got {alpha!r}")
+            raise OptionError(f"alpha must be a finite non-negative number, got {alpha!r}")
         kind, rate, betas_, eps_ = check_options(
             "weight_optimizer", weight_optimizer, lr, betas, eps
         )
@@ -212,12 +221,13 @@ class GradNorm(Method):
             self.initial_losses.copy_(losses)
             self.has_initial_losses.fill_(True)
         proposal = self.weight - self._step_direction(grad)
-        proposal = proposal.clamp_min(0.0)
+        # a step may shrink a weight by at most the factor _MIN_SHRINK (it never reaches 0)
+        proposal = torch.maximum(proposal, _MIN_SHRINK * self.weight)
         total = proposal.sum()
         if not bool(total > 0) or not bool(torch.isfinite(proposal).all()):
             warnings.warn(
-                "GradNorm: the weight step would make every weight 0 (or non-finite); the step "
-                "of the weights is dropped. Lower GradNorm's lr.",
+                "GradNorm: the weight step is not finite; the step of the weights is dropped. "
+                "Lower GradNorm's lr.",
                 RuntimeWarning,
                 stacklevel=2,
             )

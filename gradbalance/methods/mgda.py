@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from gradbalance.errors import OptionError
 from gradbalance.methods.base import FEATURES, GRAMIAN, LOSSES, Method, StepInputs
 from gradbalance.methods.registry import register
 from gradbalance.solvers import min_norm
@@ -31,7 +32,7 @@ class _MinNorm(Method):
     def __init__(self, normalization: str = "none", *, tol: float | None = None) -> None:
         super().__init__()
         if normalization not in _NORMALIZATIONS:
-            raise ValueError(
+            raise OptionError(
                 f"normalization must be one of {_NORMALIZATIONS}, got {normalization!r}"
             )
         self.normalization = normalization

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gradbalance.errors import OptionError, OptionTypeError
 from gradbalance.methods.base import GRAMIAN, JACOBIAN, LOSSES, Method, StepInputs
 from gradbalance.methods.registry import register
 from gradbalance.solvers import project_simplex
@@ -22,14 +23,14 @@ _TRACKED = re.compile(r"tracked_(\d+)$")
 def _positive(name: str, value: Any) -> float:
     x = float(value)
     if not math.isfinite(x) or x <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        raise OptionError(f"{name} must be a positive finite number, got {value!r}")
     return x
 
 
 def _non_negative(name: str, value: Any) -> float:
     x = float(value)
     if not math.isfinite(x) or x < 0:
-        raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
+        raise OptionError(f"{name} must be a finite non-negative number, got {value!r}")
     return x
 
 
@@ -71,7 +72,12 @@ class MoCo(Method):
     it is off by default. That code (and LibMTL) replaces the projection of $\lambda$ by a
     softmax; here the paper's projection is used. The defaults $\beta = 0.5$,
     $\sigma_\beta = 0.5$, $\gamma = 0.1$, $\sigma_\gamma = 0.5$, $\rho = 0$ are LibMTL's.
-    With gradient accumulation every ``backward`` of the step reads the state of the last
+    The step is taken as $\lambda - \gamma_t\,(s - \min_i s_i)$ with
+    $s = (Y^\top Y + \rho I)\lambda$, which has the same projection (a projection onto the
+    simplex ignores a constant shift) and keeps the weights right at any gradient scale (without
+    it, gradient norms of about $10^9$ made $\gamma_t s \approx 10^{17}$ swallow $\lambda$ and
+    returned $\lambda = 0$). With gradient accumulation every ``backward`` of the step reads
+    the state of the last
     applied step, and the state then tracks each micro-batch's gradients in turn (each one
     counts as a MoCo step). Use it on the shared *parameters*: the gradients w.r.t.
     ``features=`` belong to different samples at every step, so tracking them is meaningless.
@@ -120,9 +126,9 @@ class MoCo(Method):
         super().__init__()
         b = _positive("beta", beta)
         if b > 1.0:
-            raise ValueError(f"beta must lie in (0, 1], got {beta!r}")
+            raise OptionError(f"beta must lie in (0, 1], got {beta!r}")
         if not isinstance(normalize, bool):
-            raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+            raise OptionTypeError(f"normalize must be a bool, got {type(normalize).__name__}")
         self.beta = b
         self.beta_sigma = _non_negative("beta_sigma", beta_sigma)
         self.gamma = _positive("gamma", gamma)
@@ -210,7 +216,10 @@ class MoCo(Method):
             gram += (flat @ flat.T).to(device)
         lam = self.lam.to(device)
         step = gram @ lam + self.rho * lam
-        return project_simplex(lam - gamma * step)
+        # Π_Δ(v) = Π_Δ(v + c·1): subtracting min(step) first changes nothing in exact
+        # arithmetic, but keeps λ from being swallowed by γ_t·step when the gradients are large
+        # (norms of 1e9 give steps of ~1e17, beyond float64's 1 + 2^-52 resolution of λ)
+        return project_simplex(lam - gamma * (step - step.min()))
 
     def combine(self, inputs: StepInputs, weights: Tensor) -> list[Tensor | None]:
         """$d = \\sum_i \\lambda_i y_i$ with the new tracked gradients, tensor by tensor."""

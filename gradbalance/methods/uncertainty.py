@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
+from gradbalance.errors import OptionError
 from gradbalance.methods._options import check_group_options, finite_float, group_options, per_task
 from gradbalance.methods.base import LOSSES, Method, StepInputs
 from gradbalance.methods.registry import register
@@ -30,7 +31,7 @@ T = TypeVar("T")
 
 def _task_type(value: Any) -> str:
     if not isinstance(value, str) or value.lower() not in _TASK_TYPES:
-        raise ValueError(f"task type must be one of {sorted(_TASK_TYPES)}, got {value!r}")
+        raise OptionError(f"task type must be one of {sorted(_TASK_TYPES)}, got {value!r}")
     return value.lower()
 
 
@@ -76,7 +77,8 @@ class Uncertainty(Method):
     Tip:
         Pass ``tasks=[...]`` to ``GradBalancer`` when you also use a learning-rate
         scheduler: the ``s`` param group is then created at construction, before the scheduler
-        records the param groups, instead of at the first ``backward``.
+        records the param groups, instead of at the first ``backward`` (which raises when a
+        scheduler already recorded them).
 
     Examples:
         >>> import torch, gradbalance as gb

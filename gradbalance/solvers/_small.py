@@ -18,54 +18,53 @@ from scipy.linalg.lapack import dgesv as _dgesv
 SMALL_MAX_K = 24
 
 
-def _solve_on(q: np.ndarray, idx: np.ndarray, ones: np.ndarray) -> np.ndarray | None:
-    """The solution of ``q[idx, idx] z = 1``, or ``None`` when that system is singular."""
+def _solve_on(q: np.ndarray, idx: np.ndarray, b: np.ndarray) -> np.ndarray | None:
+    """The solution of ``q[idx, idx] z = b[idx]``, or ``None`` when that system is singular."""
     # LAPACK's gesv directly: numpy's and scipy's wrappers cost 5-20x the solve here
-    _, _, z, info = _dgesv(q[idx][:, idx], ones[: idx.size])
+    _, _, z, info = _dgesv(q[idx][:, idx], b[idx])
     return z if info == 0 and np.all(np.isfinite(z)) else None
 
 
-def _warm_start(q: np.ndarray, ones: np.ndarray) -> np.ndarray:
+def _warm_start(q: np.ndarray, b: np.ndarray) -> np.ndarray:
     """A feasible start for the active set: the solution on the full support when it is
     positive (tasks that all pull apart, the usual optimum), else the solution on the support of
     its positive part when that one is positive, else zero. Each is the optimum of the problem
     restricted to its support, as the method requires of its iterates."""
     k = q.shape[0]
     u = np.zeros(k)
-    z = _solve_on(q, np.arange(k), ones)
+    z = _solve_on(q, np.arange(k), b)
     if z is None:
         return u
     if np.all(z > 0):
         return z
     idx = np.flatnonzero(z > 0)
-    z_p = _solve_on(q, idx, ones) if idx.size else None
+    z_p = _solve_on(q, idx, b) if idx.size else None
     if z_p is not None and np.all(z_p > 0):
         u[idx] = z_p
     return u
 
 
-def solve_small(g: np.ndarray, ridge: float, max_iter: int) -> np.ndarray | None:
-    r"""Weights on the simplex minimising ``wᵀ g w`` for one symmetric ``g`` (float64, ``K ≥ 3``,
-    scaled so that its largest diagonal entry is 1), or ``None`` when the method stalls.
+def solve_small(q: np.ndarray, b: np.ndarray, ridge: float, max_iter: int) -> np.ndarray | None:
+    r"""The solution ``u ≥ 0`` of $\min_{u \ge 0} \tfrac12 u^\top (q + \text{ridge}\, I) u -
+    b^\top u$ for one symmetric ``q`` (float64, ``K ≥ 3``, diagonal of order 1) and ``b > 0``,
+    or ``None`` when the method stalls.
 
-    Solves $\min_{u \ge 0} \tfrac12 u^\top Q u - \mathbf 1^\top u$ with
-    $Q = g + \mathbf 1 \mathbf 1^\top + \text{ridge}\, I$ by Lawson-Hanson's active-set method
-    (each passive set's equality-constrained solution, stepping back to feasibility when a
-    component turns non-positive), warm-started by `_warm_start`, then returns
-    $w = u / \mathbf 1^\top u$.
+    `gradbalance.solvers.min_norm` passes its Jacobi-scaled problem
+    $q = \hat G + b b^\top$, $b_i = d_{\min} / d_i$ (see there). Lawson-Hanson's active-set
+    method (each passive set's equality-constrained solution, stepping back to feasibility when
+    a component turns non-positive), warm-started by `_warm_start`.
     """
     # a degenerate step (0 / 0) gives NaN, which ends in a fallback: no warning for it
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        return _active_set(g, ridge, max_iter)
+        return _active_set(q, b, ridge, max_iter)
 
 
-def _active_set(g: np.ndarray, ridge: float, max_iter: int) -> np.ndarray | None:
-    k = g.shape[0]
-    q = g + 1.0 + ridge * np.eye(k)
-    ones = np.ones(k)
-    u = _warm_start(q, ones)
+def _active_set(q0: np.ndarray, b: np.ndarray, ridge: float, max_iter: int) -> np.ndarray | None:
+    k = q0.shape[0]
+    q = q0 + ridge * np.eye(k)
+    u = _warm_start(q, b)
     passive = u > 0
-    grad = q @ u - 1.0
+    grad = q @ u - b
     for _ in range(max_iter):
         # the most negative gradient entry off the passive set enters it
         candidates = np.where(passive, np.inf, grad)
@@ -75,7 +74,7 @@ def _active_set(g: np.ndarray, ridge: float, max_iter: int) -> np.ndarray | None
         passive[j] = True
         while True:
             idx = np.flatnonzero(passive)
-            z_p = _solve_on(q, idx, ones)
+            z_p = _solve_on(q, idx, b)
             if z_p is None:
                 return None
             if np.all(z_p > 0):
@@ -92,10 +91,9 @@ def _active_set(g: np.ndarray, ridge: float, max_iter: int) -> np.ndarray | None
             passive &= u > 0
             if not passive.any():
                 return None
-        grad = q @ u - 1.0
+        grad = q @ u - b
     else:
         return None
-    total = u.sum()
-    if not total > 0:
+    if not u.sum() > 0:
         return None
-    return u / total
+    return u

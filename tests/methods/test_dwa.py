@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -209,3 +210,36 @@ def test_registry_and_repr():
     assert isinstance(m, DWA)
     assert "window=10" in repr(m)
     assert "Liu" in DWA.paper
+
+
+# ---------------------------------------------------------------------------- no epochs (issue 12)
+def test_warns_once_when_no_epoch_is_ever_closed(monkeypatch):
+    """Without end_epoch() or window= the weights stay 1 forever: one UserWarning says so once
+    the first `epoch_warning_steps` applied steps passed without any epoch closed."""
+    monkeypatch.setattr(DWA, "epoch_warning_steps", 5)
+    theta, opt = scripted_balancer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(4):
+            opt.zero_grad()
+            opt.backward(scripted_losses(theta, (1.0, 2.0, 3.0)))
+            opt.step()
+    with pytest.warns(UserWarning, match="end_epoch") as record:
+        for _ in range(20):
+            opt.zero_grad()
+            opt.backward(scripted_losses(theta, (1.0, 2.0, 3.0)))
+            opt.step()
+    assert len([w for w in record if "end_epoch" in str(w.message)]) == 1
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_no_warning_when_epochs_are_closed(monkeypatch, window):
+    monkeypatch.setattr(DWA, "epoch_warning_steps", 5)
+    theta, opt = scripted_balancer(window=window)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_script(theta, opt, SCRIPT + SCRIPT, end_epochs=window is None)
+
+
+def test_default_warning_threshold():
+    assert DWA.epoch_warning_steps == 1000

@@ -147,3 +147,18 @@ def test_mgda_ub_without_features_names_the_fix():
 def test_bad_normalization_is_rejected():
     with pytest.raises(ValueError, match="normalization"):
         gb.methods.MGDA(normalization="max")
+
+
+def test_gradient_norms_spread_over_sixteen_orders_of_magnitude():
+    """Issue 12: norms 1e8 : 1 : 1e-8 (random directions). The min-norm point is at most as long
+    as the shortest gradient; the solver used to stop at objective ~0.25 (relative to 1e16)."""
+    gen = torch.Generator().manual_seed(0)
+    j = torch.randn(3, 8, generator=gen, dtype=torch.float64)
+    norms = torch.tensor([1e8, 1.0, 1e-8], dtype=torch.float64)
+    j = j / j.norm(dim=1, keepdim=True) * norms[:, None]
+    g = j @ j.T
+    m = gb.methods.MGDA()
+    m.bind(("a", "b", "c"))
+    w = m.weights(gb.methods.StepInputs(("a", "b", "c"), torch.ones(3), gramian=g))
+    assert float(w @ g @ w) <= 1e-16 * (1 + 1e-9)
+    assert float(w.sum()) == pytest.approx(1.0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import io
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -251,3 +252,58 @@ def test_cuda_matches_cpu():
     for (lam_a, d_a), (lam_b, d_b) in zip(*results):
         torch.testing.assert_close(lam_b.cpu(), lam_a)
         torch.testing.assert_close(d_b.cpu(), d_a)
+
+
+# ---------------------------------------------------------------------------- scale (issue 12)
+def exact_projection(v: list[Fraction]) -> list[Fraction]:
+    u = sorted(v, reverse=True)
+    total, rho, theta = Fraction(0), 0, Fraction(0)
+    for j, x in enumerate(u, start=1):
+        total += x
+        if x - (total - 1) / j > 0:
+            rho, theta = j, (total - 1) / j
+    assert rho > 0
+    return [max(x - theta, Fraction(0)) for x in v]
+
+
+def exact_run(jacs, beta, gamma):
+    """MoCo's recursions (σ_β = σ_γ = 0, ρ = 0) in exact rational arithmetic."""
+    k, n = jacs[0].shape
+    y = [[Fraction(0)] * n for _ in range(k)]
+    lam = [Fraction(1, k)] * k
+    b, g = Fraction(beta), Fraction(gamma)
+    out = []
+    for jac in jacs:
+        h = [[Fraction(float(x)) for x in row] for row in jac]
+        y = [[(1 - b) * yi + b * hi for yi, hi in zip(yr, hr)] for yr, hr in zip(y, h)]
+        gram = [[sum(a * c for a, c in zip(y[i], y[j])) for j in range(k)] for i in range(k)]
+        step = [sum(gram[i][j] * lam[j] for j in range(k)) for i in range(k)]
+        lam = exact_projection([lam[i] - g * step[i] for i in range(k)])
+        d = [sum(lam[i] * y[i][c] for i in range(k)) for c in range(n)]
+        out.append(([float(x) for x in lam], [float(x) for x in d]))
+    return out
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(k=st.integers(2, 4), seed=st.integers(0, 2**31 - 1), log_scale=st.integers(-9, 12))
+def test_lambda_is_right_at_any_gradient_scale(k, seed, log_scale):
+    """Gradient norms from 1e-9 to 1e12: λ stays on the simplex and equals the recursions in
+    exact arithmetic (it used to collapse to λ = 0 and a zero update from norms of ~1e9 on,
+    because λ − γ_t(YᵀY)λ ~ −1e17 swallowed the simplex's unit sum)."""
+    rng = np.random.default_rng(seed)
+    scale = 10.0**log_scale
+    jacs = [rng.standard_normal((k, 5)) * scale for _ in range(3)]
+    m = MoCo(beta=0.5, beta_sigma=0.0, gamma=0.1, gamma_sigma=0.0)
+    m.bind(tuple(f"t{i}" for i in range(k)))
+    for jac, (lam_ref, d_ref) in zip(jacs, exact_run(jacs, 0.5, 0.1)):
+        lam = m.weights(
+            StepInputs(tuple(m.tasks), torch.ones(k), jacobian=(torch.from_numpy(jac),))
+        )
+        assert bool((lam >= 0).all()) and abs(float(lam.sum()) - 1.0) < 1e-12
+        np.testing.assert_allclose(lam.numpy(), lam_ref, atol=1e-9)
+        d = m.combine(
+            StepInputs(tuple(m.tasks), torch.ones(k), jacobian=(torch.from_numpy(jac),)), lam
+        )[0]
+        np.testing.assert_allclose(d.numpy(), d_ref, rtol=1e-9, atol=1e-9 * scale)
+        assert float(d.norm()) > 0
+        m.update(StepInputs(tuple(m.tasks), torch.ones(k), jacobian=(torch.from_numpy(jac),)), lam)

@@ -60,7 +60,10 @@ class NashMTL(Method):
     - ``"auto"`` (default): ``"cvxpy"`` when cvxpy is importable, else ``"newton"``; the
       choice is made once, when the method is built (see `solver_used`).
 
-    Both are checked on the residual $\max_i |\alpha_i (G\alpha)_i - 1| \le$ ``tol``.
+    Both are checked on the residual $\max_i |\alpha_i (G\alpha)_i - 1| \le$ ``tol``, raised
+    to the float64 rounding floor of the problem where that is larger (ill-conditioned
+    Gramians); the checks are relative to the problem, so tiny gradients or a loss scaled by
+    ``1e-8`` are solved like any other (see `gradbalance.solvers.conic.nash_bargaining`).
 
     Deviations from the official code: ``update_weights_every`` (default 1) reuses the
     weights between updates as the official option does, but the Gramian is still computed
@@ -77,8 +80,8 @@ class NashMTL(Method):
         update_weights_every: solve every this many steps; reuse the weights in between.
         cvxpy_solver: ``"CLARABEL"`` or ``"SCS"``.
         max_iter: iteration budget (default: 20 subproblems for cvxpy, 100 Newton steps).
-        tol: accepted residual (default ``1e-9`` for Newton, ``1e-5`` for cvxpy with
-            CLARABEL, ``1e-3`` with SCS).
+        tol: accepted residual, or the problem's rounding floor if larger (default ``1e-9``
+            for Newton, ``1e-5`` for cvxpy with CLARABEL, ``1e-3`` with SCS).
         on_failure: ``"raise"`` or ``"warn"`` (see above).
 
     Examples:
@@ -88,8 +91,8 @@ class NashMTL(Method):
         >>> m.bind(("a", "b"))
         >>> G = J @ J.T
         >>> alpha = m.weights(gb.methods.StepInputs(("a", "b"), torch.ones(2), gramian=G))
-        >>> alpha * (G @ alpha)  # the bargaining condition α_i (Gα)_i = 1
-        tensor([1.0000, 1.0000], dtype=torch.float64)
+        >>> (alpha * (G @ alpha)).round(decimals=6).tolist()  # the condition α_i (Gα)_i = 1
+        [1.0, 1.0]
     """
 
     name = "nash-mtl"
@@ -182,7 +185,8 @@ class NashMTL(Method):
         except SolverError as e:
             if self.on_failure == "warn" and have:
                 warnings.warn(
-                    f"Nash-MTL: the bargaining problem failed at step {inputs.step} ({e}); "
+                    f"Nash-MTL: the bargaining problem failed at step {inputs.step} ({e}; "
+                    f"tasks {', '.join(f'{i}={t}' for i, t in enumerate(inputs.tasks))}); "
                     "reusing the previous step's weights (on_failure='warn')",
                     RuntimeWarning,
                     stacklevel=2,
@@ -193,7 +197,8 @@ class NashMTL(Method):
                 if self.on_failure == "raise"
                 else " (on_failure='warn' has no previous weights to reuse at the first step)"
             )
-            raise SolverError(f"Nash-MTL: {e}{hint}") from e
+            order = ", ".join(f"{i}={t}" for i, t in enumerate(inputs.tasks))
+            raise SolverError(f"Nash-MTL (tasks {order}): {e}{hint}") from e
 
     def update(self, inputs: StepInputs, weights: Tensor) -> None:
         if not self.is_bound:

@@ -36,10 +36,16 @@ _F64 = torch.float64
 _ZERO_HULL = 1e-12
 #: Largest accepted duality gap of `cagrad_weights`, relative to ``max diag G``.
 _CAGRAD_GAP = 1e-7
-#: Newton's method stops when the squared Newton decrement is below this (rounding floor).
-_NEWTON_DEC2 = 1e-24
-#: Below this squared decrement, a decrement that stops shrinking means the rounding floor.
-_NEWTON_FLOOR = 1e-12
+#: `nash_bargaining`: 0 is taken to be in the convex hull of the gradients when the min-norm
+#: point of the unit-length gradients has squared norm at or below this (length 1e-6).
+_NASH_ZERO_HULL = 1e-12
+#: The float64 rounding floor of the Nash residual is this times
+#: ``K ε max_i Σ_j |α_i G_ij α_j|`` (G with unit diagonal): the error of evaluating it.
+_NASH_FLOOR_FACTOR = 4.0
+#: A rounding floor above this (and above ``tol``) means the answer cannot be certified.
+_NASH_FLOOR_CAP = 1e-3
+#: Newton stops after this many full steps in a row that do not halve the best residual.
+_NEWTON_STALL = 3
 #: cvxpy solvers accepted by `nash_bargaining` (ECOS is deliberately not used).
 CVXPY_SOLVERS = ("CLARABEL", "SCS")
 
@@ -130,10 +136,11 @@ def cagrad_weights(
         >>> import torch
         >>> from gradbalance.solvers.conic import cagrad_weights
         >>> G = torch.tensor([[1.0, -0.5], [-0.5, 1.0]], dtype=torch.float64)
-        >>> cagrad_weights(G, 0.0)
-        tensor([0.5000, 0.5000], dtype=torch.float64)
-        >>> cagrad_weights(G, 0.5)  # symmetric tasks: still the mean direction, longer
-        tensor([0.7500, 0.7500], dtype=torch.float64)
+        >>> cagrad_weights(G, 0.0).tolist()
+        [0.5, 0.5]
+        >>> w = cagrad_weights(G, 0.5)  # symmetric tasks: still the mean direction, longer
+        >>> w.round(decimals=6).tolist()
+        [0.75, 0.75]
     """
     k = _validate(G, "cagrad_weights")
     c = float(c)
@@ -223,11 +230,26 @@ def _nash_residual(g: Tensor, alpha: Tensor) -> Tensor:
     return (alpha * (g @ alpha) - 1.0).abs().max()
 
 
-def _nash_feasible(g: Tensor, what: str) -> Tensor:
-    """Raise unless some direction has a positive inner product with every gradient.
+def _nash_floor(g: Tensor, alpha: Tensor) -> float:
+    """The float64 rounding floor of `_nash_residual` at ``alpha``.
 
-    By Gordan's theorem that holds exactly when 0 is not in the convex hull of the gradients;
-    the min-norm weights returned make ``G w > 0`` componentwise.
+    Evaluating ``α_i (Gα)_i - 1`` sums ``K`` terms ``α_i G_ij α_j``; its rounding error is at
+    most about ``K ε Σ_j |α_i G_ij α_j|``, and Newton's iterates reach that level (measured:
+    at most ~1.1 times it over ill-conditioned families with K = 2 to 12). Scale-free in ``G``.
+    """
+    k = g.shape[0]
+    terms = (alpha.abs()[:, None] * g.abs() * alpha.abs()[None, :]).sum(1).max()
+    return _NASH_FLOOR_FACTOR * k * float(torch.finfo(_F64).eps) * float(terms)
+
+
+def _nash_feasible(g: Tensor, what: str) -> tuple[Tensor, Tensor, Tensor, float]:
+    """The unit-diagonal Gramian, the gradient norms, and min-norm weights of the unit
+    gradients; raise unless some direction has a positive inner product with every gradient.
+
+    By Gordan's theorem that holds exactly when 0 is not in the convex hull of the gradients,
+    a property that does not change when each gradient is scaled by its own positive factor:
+    the test is made on the unit-length gradients, so it does not depend on the loss scales.
+    The min-norm weights ``w`` make ``G w > 0`` componentwise.
     """
     diag = g.diagonal()
     if bool((diag <= 0).any()):
@@ -236,14 +258,21 @@ def _nash_feasible(g: Tensor, what: str) -> Tensor:
             f"{what}: the gradient of task(s) {zero} is zero, so the Nash bargaining problem "
             "(α_i ⟨g_i, d⟩ = 1) has no solution; drop the task or use another method"
         )
-    w = min_norm(g)
-    if float(w @ g @ w) <= _ZERO_HULL:
+    norms = diag.sqrt()
+    gu = g / (norms[:, None] * norms[None, :])
+    gu.fill_diagonal_(1.0)
+    w = min_norm(gu)
+    nmin2 = float(w @ gu @ w)
+    if nmin2 <= _NASH_ZERO_HULL:
+        support = (w > 0).nonzero().flatten().tolist()
         raise SolverError(
-            f"{what}: 0 is in the convex hull of the task gradients (Pareto-stationary point: "
-            "no direction decreases every loss), so the Nash bargaining problem has no "
-            "solution; nothing was applied"
+            f"{what}: 0 is in the convex hull of the task gradients (the gradients of tasks "
+            f"{support}, each scaled to length 1, combine to a vector of squared norm "
+            f"{max(nmin2, 0.0):.3g} <= {_NASH_ZERO_HULL:g}: a Pareto-stationary point, no "
+            "direction decreases every loss), so the Nash bargaining problem has no solution; "
+            "nothing was applied"
         )
-    return w
+    return gu, norms, w, nmin2
 
 
 def _nash_newton(g: Tensor, w_mn: Tensor, max_iter: int) -> Tensor:
@@ -252,6 +281,11 @@ def _nash_newton(g: Tensor, w_mn: Tensor, max_iter: int) -> Tensor:
     ``y`` are the coordinates of the update ``d`` in an orthonormal basis of the span of the
     gradients; ``f`` is strictly convex and self-concordant, its minimiser satisfies
     ``y = Rᵀ α`` with ``α = 1/(R y)``, i.e. ``α_i (Gα)_i = 1``.
+
+    Runs to the rounding floor: once in the quadratic phase (full steps) it keeps the iterate
+    with the smallest residual and stops when `_NEWTON_STALL` full steps in a row fail to halve
+    it. No absolute threshold on the decrement: how small the residual can get depends on the
+    conditioning (see `_nash_floor`), and the caller certifies the residual.
     """
     lam, vec = torch.linalg.eigh(g)
     keep = lam > lam.max() * g.shape[0] * torch.finfo(_F64).eps
@@ -259,25 +293,30 @@ def _nash_newton(g: Tensor, w_mn: Tensor, max_iter: int) -> Tensor:
     y = r.T @ w_mn
     y = y * (math.sqrt(g.shape[0]) / float(y.norm()))  # best multiple of the start
     eye = torch.eye(r.shape[1], dtype=_F64)
-    prev = math.inf
-    for _ in range(max_iter):
-        ry = r @ y
-        inv = 1.0 / ry
-        grad = y - r.T @ inv
-        hess = eye + (r * (inv * inv).unsqueeze(1)).T @ r
+    best, best_res = y.new_ones(g.shape[0]), math.inf
+    best_full, stall, full = math.inf, 0, False
+    for it in range(max_iter + 1):  # max_iter steps, and the last iterate is evaluated too
+        alpha = 1.0 / (r @ y)
+        res = float(_nash_residual(g, alpha))
+        if res < best_res:
+            best, best_res = alpha, res
+        if full:
+            stall = stall + 1 if res > 0.5 * best_full else 0
+            best_full = min(best_full, res)
+        if res == 0.0 or stall >= _NEWTON_STALL or it == max_iter:
+            break
+        grad = y - r.T @ alpha
+        hess = eye + (r * (alpha * alpha).unsqueeze(1)).T @ r
         step = -torch.linalg.solve(hess, grad)
         dec2 = float(-(grad @ step))
-        dec = math.sqrt(max(dec2, 0.0))
-        # converged, or after a full step the (tiny) decrement stopped shrinking quadratically:
-        # the rounding floor is reached
-        if dec2 <= _NEWTON_DEC2 or (dec2 < _NEWTON_FLOOR and dec2 > 0.25 * prev):
+        if not dec2 > 0.0:  # the gradient vanished to rounding: y is the minimiser
             break
+        dec = math.sqrt(dec2)
         # damped phase of Newton's method for self-concordant functions: the step
         # 1/(1+λ) keeps R y > 0 and decreases f; full steps once λ < 1/4
         full = dec < 0.25
         y = y + (step if full else step / (1.0 + dec))
-        prev = dec2 if full else math.inf
-    return 1.0 / (r @ y)
+    return best
 
 
 def _cvxpy():
@@ -329,7 +368,7 @@ def _nash_ccp(
         alpha = w_mn + (float(gw.min()) / (2.0 * spread) if spread > 0 else 1.0)
     alpha = alpha / math.sqrt(float((alpha * (g @ alpha)).min()))
     for _ in range(max_iter):
-        if float(_nash_residual(g, alpha)) <= tol:
+        if float(_nash_residual(g, alpha)) <= max(tol, _nash_floor(g, alpha)):
             return alpha
         # objective Σ_i (Gα)_i + linearisation of φ(α) = Σ_i log α_i + log (Gα)_i at α_t
         ga = g @ alpha
@@ -407,7 +446,9 @@ def nash_bargaining(
       an eigendecomposition), minimise the strictly convex, self-concordant
       $f(y) = \tfrac12\lVert y\rVert^2 - \sum_i \log (R y)_i$ by damped Newton steps from the
       min-norm point (strictly feasible by Gordan's theorem); the minimiser gives
-      $\alpha = 1 / (R y)$. Converges quadratically; typically 5 to 20 iterations.
+      $\alpha = 1 / (R y)$. Converges quadratically; typically 5 to 20 iterations. It runs
+      to the rounding floor: once in the quadratic phase it keeps the iterate of smallest
+      residual and stops when three full steps in a row fail to halve it.
     - ``"cvxpy"`` (optional dependency): the paper's sequential convex procedure: minimise
       $\sum_i (G\alpha)_i + \nabla\varphi(\alpha_t)^\top \alpha$ subject to
       $\log \alpha_i + \log (G\alpha)_i \ge 0$, where
@@ -416,9 +457,20 @@ def nash_bargaining(
       warm-started from ``init``.
 
     The problem is solved for the unit-length gradients $g_i / \lVert g_i\rVert$ (Gramian with
-    unit diagonal) and mapped back by $\alpha_i \mapsto \alpha_i / \lVert g_i\rVert$: the
-    solution transforms exactly so when each gradient is scaled by its own factor, and the
-    update $J^\top\alpha$ does not change at all.
+    unit diagonal) and mapped back by $\alpha_i \mapsto \alpha_i / \lVert g_i\rVert$. As
+    $G\alpha = 1/\alpha$ implies, scaling gradient $g_i$ by $c_i > 0$ maps $\alpha_i$ to
+    $\alpha_i / c_i$ (up to rounding; exactly for powers of two) and leaves the update
+    $J^\top\alpha$ unchanged, and every threshold is relative to the problem, so neither the
+    overall scale of the gradients nor the scale of any one of them matters:
+
+    - 0 is taken to be in the convex hull (no solution) when the min-norm point of the
+      unit-length gradients has squared norm $\le 10^{-12}$ (length $10^{-6}$);
+    - the residual $r = \max_i |\alpha_i (G\alpha)_i - 1|$ (unit-diagonal $G$) is accepted when
+      $r \le \max(\mathrm{tol}, \rho)$, where $\rho = 4 K \varepsilon \max_i \sum_j
+      |\alpha_i G_{ij} \alpha_j|$ is the float64 rounding floor of evaluating $r$ (it grows
+      with the conditioning: about $3\cdot 10^{-8}$ at $\operatorname{cond}(G) \approx 5\cdot 10^6$,
+      negligible for well-conditioned problems); a problem whose floor exceeds
+      $\max(\mathrm{tol}, 10^{-3})$ (nearly Pareto-stationary gradients) is refused.
 
     Args:
         G: the Gramian, shape ``(K, K)``.
@@ -426,9 +478,10 @@ def nash_bargaining(
         cvxpy_solver: ``"CLARABEL"`` or ``"SCS"`` (only with ``solver="cvxpy"``).
         init: warm start for ``"cvxpy"`` (previous weights, in the units of ``G``); used
             when strictly feasible, else a feasible point is built from the min-norm point.
-        tol: accepted residual $\max_i |\alpha_i (G\alpha)_i - 1|$ (default ``1e-9`` for
-            ``"newton"``, ``1e-5`` for cvxpy with CLARABEL, ``1e-3`` with the less accurate SCS;
-            the official code stops when $\lVert G\alpha - 1/\alpha\rVert < 10^{-3}$).
+        tol: accepted residual $\max_i |\alpha_i (G\alpha)_i - 1|$, raised to the rounding
+            floor $\rho$ above where that is larger (default ``1e-9`` for ``"newton"``, ``1e-5``
+            for cvxpy with CLARABEL, ``1e-3`` with the less accurate SCS; the official code
+            stops when $\lVert G\alpha - 1/\alpha\rVert < 10^{-3}$).
         max_iter: iteration budget (default 100 Newton steps / 20 convex subproblems, the
             paper's default).
         return_residual: also return the residual.
@@ -438,15 +491,16 @@ def nash_bargaining(
 
     Raises:
         SolverError: if no solution exists (a zero gradient, or 0 in the convex hull of the
-            gradients), if cvxpy fails, or if the residual stays above ``tol``.
+            gradients), if cvxpy fails, if the residual stays above ``max(tol, ρ)``, or if the
+            rounding floor ``ρ`` exceeds ``max(tol, 1e-3)``.
         ImportError: for ``solver="cvxpy"`` without cvxpy installed.
 
     Examples:
         >>> import torch
         >>> from gradbalance.solvers.conic import nash_bargaining
         >>> G = torch.tensor([[4.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
-        >>> nash_bargaining(G)  # α_i = 1 / ‖g_i‖ for orthogonal gradients
-        tensor([0.5000, 1.0000], dtype=torch.float64)
+        >>> nash_bargaining(G).round(decimals=6).tolist()  # α_i = 1/‖g_i‖ for orthogonal g_i
+        [0.5, 1.0]
     """
     _validate(G, "nash_bargaining")
     if solver not in ("newton", "cvxpy"):
@@ -460,25 +514,30 @@ def nash_bargaining(
     iters = (100 if solver == "newton" else 20) if max_iter is None else int(max_iter)
     if iters < 1:
         raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
-    g = _sym64(G)
-    w_mn = _nash_feasible(g, "nash_bargaining")  # also rejects zero gradients
-    # unit diagonal (each gradient scaled to length 1): the solution transforms exactly
-    # (α_i ↦ α_i ‖g_i‖) and the problem is as well conditioned as the angles allow
-    norms = g.diagonal().sqrt()
-    g = g / (norms[:, None] * norms[None, :])
-    w_mn = w_mn * norms
-    w_mn = w_mn / w_mn.sum()
+    # solved for the unit-length gradients (G with unit diagonal): every threshold below is
+    # then relative to the problem, and the solution transforms exactly (α_i ↦ α_i / ‖g_i‖)
+    g, norms, w_mn, nmin2 = _nash_feasible(_sym64(G), "nash_bargaining")
     if solver == "newton":
         alpha = _nash_newton(g, w_mn, iters)
     else:
         start = None if init is None else init.detach().to(dtype=_F64, device="cpu") * norms
         alpha = _nash_ccp(g, w_mn, start, cvxpy_solver, tol, iters)
     res = _nash_residual(g, alpha)
-    if not bool(res <= tol):
+    floor = _nash_floor(g, alpha)
+    name = solver + ("/" + cvxpy_solver if solver == "cvxpy" else "")
+    if floor > max(tol, _NASH_FLOOR_CAP):
         raise SolverError(
-            f"nash_bargaining ({solver}{'/' + cvxpy_solver if solver == 'cvxpy' else ''}): the "
-            f"residual max|α_i (Gα)_i - 1| = {float(res):.3g} is above tol={tol:g} after "
-            f"{iters} iterations; nothing was applied. Increase max_iter or tol"
+            f"nash_bargaining ({name}): the answer cannot be certified in float64: the rounding "
+            f"floor of the residual max|α_i (Gα)_i - 1| is {floor:.3g} (above tol={tol:g} and "
+            f"{_NASH_FLOOR_CAP:g}); nothing was applied. The gradients are nearly "
+            "Pareto-stationary (their min-norm point, with each gradient scaled to length 1, "
+            f"has squared norm {nmin2:.3g}); pass a larger tol, or on_failure='warn' to Nash-MTL"
+        )
+    if not bool(res <= max(tol, floor)):
+        raise SolverError(
+            f"nash_bargaining ({name}): the residual max|α_i (Gα)_i - 1| = {float(res):.3g} is "
+            f"above max(tol={tol:g}, rounding floor {floor:.3g}) after at most {iters} "
+            "iterations; nothing was applied. Increase max_iter or tol"
         )
     alpha = alpha / norms
     out = alpha.to(device=G.device, dtype=G.dtype)

@@ -107,7 +107,9 @@ def test_cvxpy_with_clarabel_matches_newton(name, solver_calls):
     alpha = weights_of(m, J)
     assert kkt_residual(J, alpha) <= 1e-5
     torch.testing.assert_close(alpha, weights_of(NashMTL(solver="newton"), J), rtol=1e-4, atol=0)
-    assert solver_calls and set(solver_calls) == {"CLARABEL"}
+    assert set(solver_calls) <= {"CLARABEL"}
+    # no subproblem only when the feasible start is already the solution (symmetric cases)
+    assert solver_calls or kkt_residual(J, alpha) <= 1e-12
 
 
 def test_cvxpy_with_scs(solver_calls):
@@ -146,16 +148,19 @@ def test_missing_cvxpy_import_names_the_extra(monkeypatch):
 @settings(max_examples=40, deadline=None)
 @given(
     J=jacobians(max_k=5, feasible=True),
-    s=st.floats(1e-3, 1e3),
-    per_task=st.lists(st.floats(1e-2, 1e2), min_size=5, max_size=5),
+    log_s=st.floats(-6.0, 6.0),
+    log_per_task=st.lists(st.floats(-8.0, 8.0), min_size=5, max_size=5),
     data=st.data(),
 )
-def test_update_invariant_to_loss_scales_and_equivariant(J, s, per_task, data):
+def test_update_invariant_to_loss_scales_and_equivariant(J, log_s, log_per_task, data):
+    # down to gradients of 1e-6 and one loss scaled by 1e-8: the solver's thresholds are
+    # relative to the problem (they used to refuse these as "0 in the convex hull")
     m = NashMTL(solver="newton")
     d = update_of(m, J)
     tol = 1e-7 * float(d.norm())
-    torch.testing.assert_close(update_of(m, s * J), d, rtol=1e-7, atol=tol)
-    scaled = J * torch.tensor(per_task[: J.shape[0]], dtype=torch.float64)[:, None]
+    torch.testing.assert_close(update_of(m, 10.0**log_s * J), d, rtol=1e-7, atol=tol)
+    per_task = 10.0 ** torch.tensor(log_per_task[: J.shape[0]], dtype=torch.float64)
+    scaled = J * per_task[:, None]
     torch.testing.assert_close(update_of(m, scaled), d, rtol=1e-7, atol=tol)
     perm = data.draw(permutations(J.shape[0]))
     torch.testing.assert_close(weights_of(m, J[perm]), weights_of(m, J)[perm], rtol=1e-7, atol=0)
@@ -181,7 +186,8 @@ def test_a_failed_step_applies_nothing():
     with pytest.raises(SolverError):
         opt.backward({"a": out.mean(), "b": -out.mean()})
     assert all(p.grad is None for p in model.parameters())
-    assert not bool(opt.method.has_alpha)
+    # a failed first step leaves the method unbound, or bound without weights
+    assert not opt.method.is_bound or not bool(opt.method.has_alpha)
 
 
 def test_on_failure_warn_reuses_the_previous_weights_loudly():

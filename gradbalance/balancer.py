@@ -20,13 +20,15 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from gradbalance import _inputs
+from gradbalance import _graph, _inputs
 from gradbalance import distributed as _distributed
 from gradbalance import engine as _engine
 from gradbalance.errors import (
+    GradBalanceError,
     LossError,
     MissingInputError,
     NonFiniteError,
+    OptionError,
     SolverError,
     UnreachedParameterError,
 )
@@ -46,17 +48,20 @@ logger = logging.getLogger(__name__)
 
 _NONFINITE_POLICIES = ("raise", "skip")
 _STATE_FORMAT = 1
+#: Key set in the ``metadata`` of a loss's ``grad_fn`` once `GradBalancer.backward` consumed
+#: its graph (``retain_graph=False``): a later backward over it raises, at every step alike.
+_CONSUMED = "gradbalance.consumed"
 
 
 def _describe(t: Tensor, index: int, kind: str) -> str:
     return f"{kind} parameter #{index} (shape {tuple(t.shape)})"
 
 
-def _check_reached(shared: Sequence[Tensor], reached: Sequence[bool]) -> None:
+def _check_reached(
+    shared: Sequence[Tensor], reached: Sequence[bool], label: Callable[[Tensor], str]
+) -> None:
     """Raise `UnreachedParameterError` naming the shared tensors no task loss reaches."""
-    unreached = [
-        _describe(p, i, "shared") for i, (p, r) in enumerate(zip(shared, reached)) if not r
-    ]
+    unreached = [label(p) for p, r in zip(shared, reached) if not r]
     if unreached:
         raise UnreachedParameterError(
             f"no task loss reaches {', '.join(unreached)}; remove it from shared=... "
@@ -119,6 +124,16 @@ def _fused_flag(tensors: list[Tensor]) -> Tensor:
     return found
 
 
+def _finite_view(t: Tensor) -> Tensor:
+    """The values whose finiteness decides ``t``'s: the stored values of a sparse tensor
+    (coalesced, so that duplicate entries are checked as summed), else ``t`` itself."""
+    if t.layout == torch.strided:
+        return t
+    if t.layout == torch.sparse_coo:
+        return t.coalesce().values()
+    return t.values()  # compressed sparse layouts (CSR, CSC, BSR, BSC)
+
+
 def _all_finite(tensors: Iterable[Tensor | None]) -> bool:
     """Whether every tensor (``None`` skipped) is free of NaN and infinities, with one host sync.
 
@@ -147,7 +162,9 @@ def _all_finite(tensors: Iterable[Tensor | None]) -> bool:
         ):
             groups.setdefault((t.device, t.dtype), []).append(t)
         else:
-            flags.append(torch.isfinite(t).all().logical_not().to(torch.float32).cpu())
+            flags.append(
+                torch.isfinite(_finite_view(t)).all().logical_not().to(torch.float32).cpu()
+            )
     for group in groups.values():
         try:
             found = _fused_flag(group)
@@ -155,6 +172,63 @@ def _all_finite(tensors: Iterable[Tensor | None]) -> bool:
             found = torch.stack([torch.isfinite(t).all().logical_not() for t in group]).any()
         flags.append(found.reshape(()).to(torch.float32).cpu())
     return not bool(torch.stack(flags).any())
+
+
+def _sparse_gradient_params(losses: Sequence[Tensor], params: Sequence[Tensor]) -> list[int]:
+    """The indices of ``params`` that an embedding with ``sparse=True`` feeds directly.
+
+    Walks the autograd graph of ``losses`` (node attributes outlive a freed graph); only called
+    after an engine failed, to explain it.
+    """
+    position = {id(p): i for i, p in enumerate(params)}
+    found: set[int] = set()
+    stack = [loss.grad_fn for loss in losses if loss.grad_fn is not None]
+    seen: dict[int, Any] = {}  # keeps the visited node objects alive, so their ids stay unique
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen[id(node)] = node
+        sparse = getattr(node, "_saved_sparse", False) is True
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            if sparse:
+                variable = getattr(child, "variable", None)
+                if variable is not None and id(variable) in position:
+                    found.add(position[id(variable)])
+            stack.append(child)
+    return sorted(found)
+
+
+def _module_snapshot(module: nn.Module) -> list[tuple[Any, ...]]:
+    """Shallow copies of what ``bind``/``build`` may change in ``module`` and its children."""
+    return [
+        (
+            m,
+            dict(m.__dict__),
+            dict(m._parameters),
+            dict(m._buffers),
+            dict(m._modules),
+            set(m._non_persistent_buffers_set),
+        )
+        for m in module.modules()
+    ]
+
+
+def _module_restore(snapshot: list[tuple[Any, ...]]) -> None:
+    """Undo what happened to the modules of `_module_snapshot` since it was taken."""
+    for m, attrs, params, buffers, children, non_persistent in snapshot:
+        m.__dict__.clear()
+        m.__dict__.update(attrs)
+        for live, saved in (
+            (m._parameters, params),
+            (m._buffers, buffers),
+            (m._modules, children),
+            (m._non_persistent_buffers_set, non_persistent),
+        ):
+            live.clear()
+            live.update(saved)
 
 
 class GradBalancer(Optimizer):
@@ -177,8 +251,16 @@ class GradBalancer(Optimizer):
         optimizer: the inner optimizer, built on all the model's parameters.
         method: a registered method name (``"equal"``, ``"mgda"``, ...; see
             `gradbalance.methods.available`) or a `gradbalance.methods.Method`.
-        shared: the shared parameters (or a module holding them). Required by gradient methods;
-            every shared parameter must be in the inner optimizer.
+        shared: the shared parameters: a list of tensors, a module holding them, a
+            `gradbalance.models.MultiTaskModel` or any module with a ``shared_parameters()``
+            method (its declaration, and its ``last_shared_parameters()``, if any, as the
+            default ``last_shared``), or ``"auto"``: every
+            parameter of the inner optimizer that the losses of at least two tasks reach, found
+            from the autograd graph on the first `backward` (all it reaches with one task).
+            Required by gradient methods; every shared parameter that requires grad must be in
+            the inner optimizer. Frozen shared parameters (``requires_grad=False``) are left
+            out at each step and balanced again once unfrozen (the set is resolved again when
+            the ``requires_grad`` pattern changes).
         tasks: the task names, in order. Optional: by default the first `backward` call
             declares them (dict keys, or ``task0, task1, ...`` for a list).
         engine: how per-task gradients are computed: ``"auto"`` (``"memory"`` when ``K × P``
@@ -196,7 +278,11 @@ class GradBalancer(Optimizer):
             turns the next `step` into a no-op and counts the step in
             `skipped_steps`.
         last_shared: the parameters of the last shared layer (GradNorm's ``W``). Default: the
-            last shared tensor, with the one before it when the last one is a bias (1-D).
+            model's declaration when ``shared`` is a model that declares one, else
+            the last shared layer in execution order, found from the autograd graph on the
+            first `backward`: the shared weights (2 or more dimensions) after which no shared
+            weight is applied on the way to the losses (one per parallel branch), with the
+            bias their operation reads.
         distributed: what to synchronise under `torch.distributed` (DDP): ``"auto"``
             (default: ``"global"`` when a process group with more than one rank is
             initialised, else ``"off"``), ``"global"`` (the weights and the update of the
@@ -226,7 +312,7 @@ class GradBalancer(Optimizer):
         self,
         optimizer: Optimizer,
         method: str | Method = "equal",
-        shared: Iterable[Tensor] | nn.Module | None = None,
+        shared: Iterable[Tensor] | nn.Module | str | None = None,
         *,
         tasks: Iterable[str] | None = None,
         engine: str = "auto",
@@ -269,9 +355,15 @@ class GradBalancer(Optimizer):
         self.nonfinite = nonfinite
         self._engine_request = engine
         self._strategy = self._initial_strategy(engine, method_obj)
-        self._shared = self._resolve_params(shared, "shared")
-        self._last_shared = self._resolve_last_shared(last_shared)
-        if method_obj.is_gradient_method() and not self._shared:
+        self._names: dict[int, str] = {}
+        self._owners: dict[int, int] = {}
+        self._shared_all, model_last = self._resolve_shared(shared)
+        self._last_all: list[Tensor] | None = None
+        if last_shared is not None:
+            self._last_all = self._resolve_params(last_shared, "last_shared")
+        elif model_last:
+            self._last_all = model_last
+        if method_obj.is_gradient_method() and self._shared_all == []:
             if shared is None:
                 fix = "pass shared=model.shared_parameters() (or the trunk module)"
             else:
@@ -283,9 +375,11 @@ class GradBalancer(Optimizer):
             raise ValueError(
                 f"method {method_obj.name!r} balances the gradients of the shared parameters: {fix}"
             )
-        if LAST_SHARED_GRAMIAN in method_obj.requires and not self._last_shared:
+        if LAST_SHARED_GRAMIAN in method_obj.requires and not (
+            self._last_all or (self._last_all is None and self._shared_all != [])
+        ):
             if last_shared is not None:
-                fix = "the last_shared= you passed holds no parameter that requires grad"
+                fix = "the last_shared= you passed holds no parameter"
             elif shared is not None:
                 fix = (
                     "the shared= you passed holds no parameter that requires grad; pass "
@@ -406,12 +500,17 @@ class GradBalancer(Optimizer):
     def _resolve_params(
         self, params: Iterable[Tensor] | nn.Module | None, what: str
     ) -> list[Tensor]:
+        """The tensors of ``params``, each once, frozen ones included (they are filtered at
+        each step). A tensor that requires grad must be in the inner optimizer."""
         if params is None:
             return []
         if isinstance(params, Tensor):
             items = [params]
         elif isinstance(params, nn.Module):
-            items = list(params.parameters())
+            named = list(params.named_parameters())
+            for name, p in named:
+                self._names.setdefault(id(p), name)
+            items = [p for _, p in named]
         else:
             items = list(params)
         in_optimizer = {id(p) for p in self._optimizer_params()}
@@ -420,9 +519,9 @@ class GradBalancer(Optimizer):
         for i, p in enumerate(items):
             if not isinstance(p, Tensor):
                 raise TypeError(f"{what}[{i}] is a {type(p).__name__}, not a tensor")
-            if id(p) in seen or not p.requires_grad:
+            if id(p) in seen:
                 continue
-            if id(p) not in in_optimizer:
+            if p.requires_grad and id(p) not in in_optimizer:
                 raise ValueError(
                     f"{what} parameter #{i} (shape {tuple(p.shape)}) is not in the inner "
                     "optimizer; build the optimizer on all the model's parameters"
@@ -431,31 +530,244 @@ class GradBalancer(Optimizer):
             out.append(p)
         return out
 
-    def _resolve_last_shared(
-        self, last_shared: Iterable[Tensor] | nn.Module | None
-    ) -> list[Tensor]:
-        if last_shared is not None:
-            return self._resolve_params(last_shared, "last_shared")
-        if not self._shared:
-            return []
-        if self._shared[-1].dim() <= 1 and len(self._shared) > 1:
-            return self._shared[-2:]
-        return self._shared[-1:]
+    def _resolve_shared(self, shared: Any) -> tuple[list[Tensor] | None, list[Tensor]]:
+        """``shared=`` as ``(every shared tensor or None for "auto", the model's last layer)``."""
+        if isinstance(shared, str):
+            if shared != "auto":
+                raise ValueError(
+                    f"shared must be tensors, a module or 'auto', got the string {shared!r}"
+                )
+            return None, []
+        declares = getattr(shared, "shared_parameters", None)
+        if isinstance(shared, nn.Module) and callable(declares):
+            # a model that declares its shared part (gradbalance.models.MultiTaskModel, or any
+            # module with the same methods): duck-typed, so the core never imports the zoo
+            for name, p in shared.named_parameters():
+                self._names.setdefault(id(p), name)
+            params = self._resolve_params(list(declares()), "shared")
+            declares_last = getattr(shared, "last_shared_parameters", None)
+            last = (
+                self._resolve_params(list(declares_last()), "last_shared")
+                if callable(declares_last)
+                else []
+            )
+            return params, last
+        return self._resolve_params(shared, "shared"), []
 
-    def _bind(self, tasks: tuple[str, ...]) -> None:
-        self.method.bind(tasks)
+    @property
+    def _shared(self) -> list[Tensor]:
+        """The shared tensors of this step (resolved at the start of each `backward`)."""
+        state = self.__dict__.get("_resolved")
+        if state is not None:
+            return state[1]
+        return self._current_shared()
+
+    @property
+    def _last_shared(self) -> list[Tensor]:
+        """The last shared layer of this step (resolved at the start of each `backward`)."""
+        state = self.__dict__.get("_resolved")
+        return [] if state is None else state[2]
+
+    def _current_shared(self) -> list[Tensor]:
+        """The shared tensors that require grad now (the last resolved set for ``"auto"``)."""
+        if self._shared_all is None:
+            state = self.__dict__.get("_resolved")
+            return [] if state is None else [p for p in state[1] if p.requires_grad]
+        in_optimizer = {id(p) for p in self._optimizer_params()}
+        return [p for p in self._shared_all if p.requires_grad and id(p) in in_optimizer]
+
+    def _resolve_step(self, tasks: tuple[str, ...], losses: list[Tensor]) -> None:
+        """Resolve the shared set and the last shared layer for this step, and check that every
+        loss reaches a parameter of the inner optimizer.
+
+        Cheap while the ``requires_grad`` pattern of the watched tensors (the shared ones, or
+        every parameter for ``shared="auto"``) and the optimizer's parameter list stay the
+        same: one early-exit graph walk per loss. Otherwise (first step, a layer frozen or
+        unfrozen) the whole graph is walked once (`gradbalance._graph.walk`). Nothing is
+        stored unless every check passes.
+        """
+        self._optimizer_params()
+        opt_params: tuple[Tensor, ...] = self.__dict__["_params_cache"][2]
+        auto = self._shared_all is None
+        watched: Sequence[Tensor] = opt_params if auto else self._shared_all  # type: ignore[assignment]
+        pattern = tuple(p.requires_grad for p in watched)
+        if self._last_all is not None:
+            pattern += tuple(p.requires_grad for p in self._last_all)
+        state = self.__dict__.get("_resolved")
+        if state is not None and state[0][0] is opt_params and state[0][1] == pattern:
+            ids = state[3]
+            for task, loss in zip(tasks, losses):
+                if _graph.reaches(loss, ids) is False:
+                    self._raise_unreached_loss([task])
+            return
+        ids = {id(p) for p in opt_params}
+        graph = _graph.walk(losses)
+        if not graph.opaque:
+            reached = [0] * len(tasks)
+            for key, mask in graph.reached_by.items():
+                if key in ids:
+                    for i in range(len(tasks)):
+                        reached[i] |= mask >> i & 1
+            missing = [t for t, r in zip(tasks, reached) if not r]
+            if missing:
+                self._raise_unreached_loss(missing)
+        if auto:
+            need = min(2, len(tasks))
+            shared = [
+                p
+                for p in opt_params
+                if p.requires_grad and bin(graph.reached_by.get(id(p), 0)).count("1") >= need
+            ]
+        else:
+            shared = []
+            for p in self._shared_all:  # type: ignore[union-attr]
+                if not p.requires_grad:
+                    continue
+                if id(p) not in ids:
+                    raise OptionError(
+                        f"{self._label(p)} requires grad but is not in the inner optimizer; "
+                        "add it to the optimizer (add_param_group) or keep it frozen"
+                    )
+                shared.append(p)
+        if self._last_all is not None:
+            last = [p for p in self._last_all if p.requires_grad]
+        else:
+            last = _graph.last_layer(graph, shared)
+        method = self.method
+        if method.is_gradient_method() and not shared:
+            if auto:
+                raise UnreachedParameterError(
+                    f"shared='auto' found no parameter that the losses of two or more of the "
+                    f"tasks {list(tasks)} reach: they share nothing to balance; use a loss "
+                    "weighting (e.g. method='equal') or check that the heads read a shared trunk"
+                )
+            raise UnreachedParameterError(
+                f"every shared parameter is frozen (requires_grad=False), so method "
+                f"{method.name!r} has nothing to balance; unfreeze some, or use a loss "
+                "weighting (e.g. method='equal') while they are frozen"
+            )
+        if LAST_SHARED_GRAMIAN in method.requires and not last:
+            raise UnreachedParameterError(
+                f"method {method.name!r} needs the last shared layer, but "
+                + (
+                    "every tensor of last_shared= is frozen (requires_grad=False); unfreeze it "
+                    "or pass another layer"
+                    if self._last_all is not None
+                    else "no task loss reaches a shared parameter that requires grad"
+                )
+            )
+        self._owners = {key: mask for key, mask in graph.reached_by.items() if key in ids}
+        self.__dict__["_resolved"] = ((opt_params, pattern), shared, last, ids)
+
+    @staticmethod
+    def _raise_unreached_loss(tasks: list[str]) -> None:
+        raise LossError(
+            f"the loss of task(s) {tasks} reaches no parameter of the inner optimizer (a "
+            "constant, or computed from tensors the optimizer does not hold), so its gradient "
+            "is zero everywhere and balancing it is meaningless; compute it from the model's "
+            "output, or leave the task out of this step"
+        )
+
+    @staticmethod
+    def _check_devices(tasks: tuple[str, ...], losses: list[Tensor]) -> None:
+        """Raise `LossError` naming the tasks of each device when the losses are on several."""
+        first = losses[0].device
+        if all(loss.device == first for loss in losses):
+            return
+        by_device: dict[str, list[str]] = {}
+        for task, loss in zip(tasks, losses):
+            by_device.setdefault(str(loss.device), []).append(task)
+        where = ", ".join(f"task(s) {names} on {dev}" for dev, names in by_device.items())
+        raise LossError(
+            f"the losses are on different devices: {where}; compute every loss on one device "
+            "(the model's), or move them with loss.to(device)"
+        )
+
+    def _param_name(self, p: Tensor) -> str | None:
+        """The name of ``p``: from ``shared=`` (a module) or the optimizer's ``param_names``."""
+        name = self._names.get(id(p))
+        if name is not None:
+            return name
+        for group in self.optimizer.param_groups:
+            names = group.get("param_names")
+            if names:
+                for q, n in zip(group["params"], names):
+                    if q is p:
+                        return str(n)
+        return None
+
+    def _label(self, p: Tensor) -> str:
+        """How errors name ``p``: by name when known, else by its index in ``shared=`` or by
+        the task(s) whose loss reaches it; with its shape."""
+        shape = tuple(p.shape)
+        shared = any(p is q for q in self._shared_all or self._shared)
+        mask = self._owners.get(id(p), 0)
+        tasks = self._tasks or ()
+        owners = [tasks[i] for i in range(min(mask.bit_length(), len(tasks))) if mask >> i & 1]
+        name = self._param_name(p)
+        if name is not None:
+            of = f" of task {owners[0]!r}" if len(owners) == 1 and not shared else ""
+            return f"{'shared ' if shared else ''}parameter {name!r}{of} (shape {shape})"
+        if shared and self._shared_all:
+            index = next(i for i, q in enumerate(self._shared_all) if q is p)
+            return f"shared parameter #{index} (shape {shape})"
+        if owners:
+            which = f"task {owners[0]!r}" if len(owners) == 1 else f"tasks {owners}"
+            return f"{'shared ' if shared else ''}parameter of {which} (shape {shape})"
+        return f"{'shared ' if shared else ''}parameter (shape {shape})"
+
+    def _bind(self, tasks: tuple[str, ...], *, from_backward: bool = False) -> None:
+        """Bind the method to ``tasks`` and give its learnable parameters a param group.
+
+        All or nothing: on an error the method, the tasks and the param groups are as before.
+        """
+        snapshot = self._snapshot()
+        try:
+            self.method.bind(tasks)
+            self._tasks = tasks
+            params = [p for p in self.method.parameters() if p.requires_grad]
+            groups = self.optimizer.param_groups
+            if params and not any(
+                any(p is q for q in group["params"] for p in params) for group in groups
+            ):
+                self._check_new_group(tasks, from_backward)
+                options = {
+                    k: v
+                    for k, v in self.method.param_group_options().items()
+                    if k in self.optimizer.defaults
+                }
+                self.optimizer.add_param_group({"params": params, **options})
+        except BaseException:
+            self._restore(snapshot)
+            raise
+
+    def _check_new_group(self, tasks: tuple[str, ...], from_backward: bool) -> None:
+        """Refuse a param group for the method's parameters where it cannot work."""
+        name = self.method.name
+        if isinstance(self.optimizer, torch.optim.LBFGS):
+            raise OptionError(
+                f"method {name!r} learns parameters of its own, which need a param group of the "
+                "inner optimizer, but torch.optim.LBFGS steps only its first param group; use "
+                "another optimizer, or a method without learnable parameters"
+            )
+        if from_backward and any("initial_lr" in g for g in self.optimizer.param_groups):
+            raise MissingInputError(
+                f"method {name!r} learns parameters of its own, which need a param group of the "
+                "inner optimizer, but a learning-rate scheduler already recorded the param "
+                "groups (they carry 'initial_lr'), so a group added now would break it; pass "
+                f"tasks={list(tasks)!r} to GradBalancer, so that the group exists before the "
+                "scheduler is built"
+            )
+
+    def _snapshot(self) -> tuple[Any, ...]:
+        """What binding the tasks changes: the method, the task names, the param groups."""
+        return _module_snapshot(self.method), self._tasks, len(self.optimizer.param_groups)
+
+    def _restore(self, snapshot: tuple[Any, ...]) -> None:
+        modules, tasks, groups = snapshot
+        _module_restore(modules)
         self._tasks = tasks
-        params = [p for p in self.method.parameters() if p.requires_grad]
-        if params and not any(
-            any(p is q for q in group["params"] for p in params)
-            for group in self.optimizer.param_groups
-        ):
-            options = {
-                k: v
-                for k, v in self.method.param_group_options().items()
-                if k in self.optimizer.defaults
-            }
-            self.optimizer.add_param_group({"params": params, **options})
+        del self.optimizer.param_groups[groups:]
 
     # ------------------------------------------------------------------ shared Optimizer state
     @property  # type: ignore[override]
@@ -494,6 +806,7 @@ class GradBalancer(Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state.pop("_params_cache", None)
+        state.pop("_resolved", None)  # keyed on the identity of the optimizer's parameter list
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -535,8 +848,19 @@ class GradBalancer(Optimizer):
 
     @property
     def shared_parameters(self) -> list[Tensor]:
-        """The shared parameters the balancer combines task gradients on."""
-        return list(self._shared)
+        """The shared parameters the balancer combines task gradients on: those of ``shared=``
+        that require grad now (for ``shared="auto"``: those found on the last resolving
+        `backward`, empty before the first)."""
+        return self._current_shared()
+
+    @property
+    def last_shared_parameters(self) -> list[Tensor]:
+        """The last shared layer (GradNorm's ``W``): ``last_shared=`` (or the model's
+        declaration) less its frozen tensors, else the layer found from the graph by the last
+        `backward` (empty before the first)."""
+        if self._last_all is not None:
+            return [p for p in self._last_all if p.requires_grad]
+        return list(self._last_shared)
 
     @property
     def steps(self) -> int:
@@ -617,7 +941,9 @@ class GradBalancer(Optimizer):
         """Compute the task weights and accumulate the balanced gradient into ``.grad``.
 
         Nothing (``.grad``, parameters, optimizer or method state) changes unless every check
-        passes; the method's own state changes only when `step` really steps.
+        passes; the method's own state changes only when `step` really steps. A first call that
+        raises leaves the tasks undeclared (the method unbound, no param group added). Under
+        `torch.distributed`, an invalid input on one rank raises on every rank at that step.
 
         Args:
             losses: one scalar loss per task: a dict ``{task: loss}`` or a list/tuple.
@@ -630,41 +956,106 @@ class GradBalancer(Optimizer):
                 scales the backward, unscales what the method reads, and on overflow makes the
                 scaler skip the step (method state untouched).
             retain_graph: keep the autograd graph after the backward, as in
-                `torch.Tensor.backward`.
+                `torch.Tensor.backward`. Without it, a later `backward` over the same losses
+                raises a `gradbalance.LossError` (also a ``RuntimeError``), at every step alike.
 
         Returns:
             The weights, shape ``(K,)``, detached, in the order of ``losses``. NaN when the step
             is skipped.
         """
-        tasks, loss_list, call_order = _inputs.parse_losses(losses, self._tasks)
+        sync = self._synchronizer()
         method = self.method
-        kpi_tensor = (
-            _inputs.parse_kpis(kpis, tasks, method.name) if KPIS in method.requires else None
-        )
-        feature_list: list[Tensor] = []
-        if self._strategy == "representation" or (
-            self._strategy == "chained" and self._engine_request == "chained"
-        ):
-            feature_list = _inputs.as_feature_list(features, method.name)
-        elif features is not None and self._chained_ok and method.is_gradient_method():
-            # engine="auto" uses features only to speed up the Jacobian: unusable ones are ignored
-            with contextlib.suppress(TypeError, LossError, MissingInputError):
+        try:
+            tasks, loss_list, call_order = _inputs.parse_losses(losses, self._tasks)
+            self._check_graph(loss_list)
+            self._check_devices(tasks, loss_list)
+            self._resolve_step(tasks, loss_list)
+            kpi_tensor = (
+                _inputs.parse_kpis(kpis, tasks, method.name) if KPIS in method.requires else None
+            )
+            feature_list: list[Tensor] = []
+            if self._strategy == "representation" or (
+                self._strategy == "chained" and self._engine_request == "chained"
+            ):
                 feature_list = _inputs.as_feature_list(features, method.name)
-        if self._tasks is None:
-            self._bind(tasks)
-        scale = self._scale_tensor(scaler, loss_list[0].device)
+            elif features is not None and self._chained_ok and method.is_gradient_method():
+                # engine="auto" uses features only to speed up the Jacobian: unusable ones are
+                # ignored
+                with contextlib.suppress(TypeError, LossError, MissingInputError):
+                    feature_list = _inputs.as_feature_list(features, method.name)
+            scale = self._scale_tensor(scaler, loss_list[0].device)
+        except (GradBalanceError, ValueError, TypeError) as exc:
+            if sync is not None:
+                # an input error on one rank only: agree on it first, then raise on every rank
+                # (the others would block in the next collective, or mix steps if caught)
+                self._agree(sync, exc)
+            raise
+        if sync is not None and self._tasks is None:
+            self._agree(sync, None)  # the first step: before K is known, the flags alone
+        snapshot = self._snapshot() if self._tasks is None else None
+        try:
+            if snapshot is not None:
+                self._bind(tasks, from_backward=True)
+            result = self._balance(
+                tasks,
+                loss_list,
+                call_order,
+                kpi_tensor,
+                feature_list,
+                scale,
+                retain_graph,
+                sync,
+                bound=snapshot is None,
+            )
+        except BaseException as exc:
+            if snapshot is not None:
+                # a failing first backward leaves no trace: tasks unbound, no method state,
+                # no param group
+                self._restore(snapshot)
+            if isinstance(exc, (RuntimeError, NotImplementedError)) and not isinstance(
+                exc, GradBalanceError
+            ):
+                self._explain_sparse(loss_list, exc)
+            raise
+        if not retain_graph:
+            for loss in loss_list:
+                node = loss.grad_fn
+                if node is not None:
+                    node.metadata[_CONSUMED] = True
+        return result
 
+    def _balance(
+        self,
+        tasks: tuple[str, ...],
+        loss_list: list[Tensor],
+        call_order: list[int],
+        kpi_tensor: Tensor | None,
+        feature_list: list[Tensor],
+        scale: Tensor | None,
+        retain_graph: bool,
+        sync: _distributed.Synchronizer | None,
+        bound: bool,
+    ) -> Tensor:
+        """`backward` once the inputs are valid (on every rank) and the tasks bound."""
+        method = self.method
         loss_only = not method.is_gradient_method()
         stacked, detached = _stack_losses(loss_list, differentiable=loss_only)
-        sync = self._synchronizer()
         if sync is not None:
-            # every rank must take the same branch below: decide on the global losses
+            # every rank must take the same branch below: decide on the global losses. Past the
+            # first step the ranks also agree here, in the same all-reduce, that every rank's
+            # inputs were valid (a rank with invalid inputs sends zeros and its flag)
+            reduced = [detached]
             if kpi_tensor is not None:
                 kpis_here = kpi_tensor.to(device=detached.device, dtype=torch.float64, copy=True)
-                sync.mean_([detached, kpis_here])
-                kpi_tensor = kpis_here.to(kpi_tensor.device)
+                reduced.append(kpis_here)
+            if bound:
+                failed = sync.agree_(False, reduced, detached.device)
+                if failed:
+                    raise self._rank_error(failed)
             else:
-                sync.mean_([detached])
+                sync.mean_(reduced)
+            if kpi_tensor is not None:
+                kpi_tensor = kpis_here.to(kpi_tensor.device)
         # one host transfer of K numbers, checked in Python (cheaper than isfinite + all)
         bad = [tasks[i] for i, v in enumerate(detached.tolist()) if not math.isfinite(v)]
         if bad:
@@ -688,12 +1079,88 @@ class GradBalancer(Optimizer):
             tasks, loss_list, stacked, detached, kpi_tensor, scale, retain_graph, call_order
         )
 
+    @staticmethod
+    def _check_graph(loss_list: list[Tensor]) -> None:
+        """Refuse losses whose graph an earlier `backward` consumed (``retain_graph=False``).
+
+        Autograd itself raises only where the graph's saved tensors were freed, which the
+        balancer's engines do not do alike on every step; this check makes a second backward
+        raise at every step, before anything is modified.
+        """
+        for i, loss in enumerate(loss_list):
+            node = loss.grad_fn
+            if node is not None and node.metadata.get(_CONSUMED):
+                raise LossError(
+                    f"trying to backward through the graph a second time: backward() was "
+                    f"already called on these losses (loss #{i} of this call) and freed their "
+                    "graph; recompute the losses (a new forward pass), or pass "
+                    "retain_graph=True to the first backward() to backpropagate twice"
+                )
+
+    def _agree(self, sync: _distributed.Synchronizer, error: BaseException | None) -> None:
+        """Agree with the other ranks on whether some rank's inputs were invalid.
+
+        Sends what the valid ranks send at this point of `backward` (zeros in place of the
+        losses and KPIs once the tasks are bound), so that the collectives match. Returns when
+        every rank's inputs were valid; a rank with ``error`` returns too and raises it itself,
+        the others raise an error that names the failing ranks.
+        """
+        device = self._optimizer_params()[0].device
+        placeholder = []
+        if error is not None and self._tasks is not None:
+            k = len(self._tasks) * (2 if KPIS in self.method.requires else 1)
+            placeholder = [torch.zeros(k, dtype=torch.float64, device=device)]
+        failed = sync.agree_(error is not None, placeholder, device)
+        if failed and error is None:
+            raise self._rank_error(failed)
+
+    @staticmethod
+    def _rank_error(failed: list[int]) -> GradBalanceError:
+        return GradBalanceError(
+            f"backward() got invalid inputs on rank(s) {failed} (see the error raised there); "
+            "nothing was applied on any rank. Every rank raises at this same step, so a "
+            "training loop that catches the error and continues keeps the ranks in step"
+        )
+
+    def _explain_sparse(self, loss_list: list[Tensor], exc: BaseException) -> None:
+        """After the engine failed: raise a clear error if a parameter whose per-task gradients
+        the engine stacks receives sparse gradients (``nn.Embedding(sparse=True)``)."""
+        if not self.method.is_gradient_method() or self._strategy == "representation":
+            return
+        shared = self._shared
+        sparse = _sparse_gradient_params(loss_list, shared)
+        if sparse:
+            names = ", ".join(_describe(shared[i], i, "shared") for i in sparse)
+            raise GradBalanceError(
+                f"{names} receives sparse gradients (nn.Embedding(sparse=True)?), but method "
+                f"{self.method.name!r} needs the dense per-task gradients of the shared "
+                "parameters; build it with sparse=False, leave it out of shared=..., or use a "
+                "loss weighting method (task-specific sparse parameters are fine)"
+            ) from exc
+        if self._strategy == "batched":
+            shared_ids = {id(p) for p in shared}
+            others = [p for p in self._optimizer_params() if id(p) not in shared_ids]
+            sparse = _sparse_gradient_params(loss_list, others)
+            if sparse:
+                raise GradBalanceError(
+                    f"{len(sparse)} task-specific parameter(s) (the first of shape "
+                    f"{tuple(others[sparse[0]].shape)}) receive sparse gradients, which "
+                    "engine='batched' (vmap) cannot compute; use engine='loop' or 'auto'"
+                ) from exc
+
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Step the inner optimizer, then commit the method's state update.
 
+        Only a step that follows a successful `backward` (since the last `step` or `zero_grad`)
+        counts in `steps` and commits the method's state: a step without one still steps the
+        inner optimizer on whatever ``.grad`` holds (as ``torch.optim`` would), but neither
+        counts nor moves the methods' schedules (RLW's draws, GradDrop's, Nash-MTL's).
+
         Args:
             closure: optional; re-evaluates the model and calls `backward` (as in
-                `torch.optim.Optimizer.step`), returning the loss.
+                `torch.optim.Optimizer.step`), returning the loss. It is evaluated once here
+                and passed on to the inner optimizer, which gets that first result on its first
+                call and re-evaluates the closure on later ones (`torch.optim.LBFGS`).
         """
         result = None
         if closure is not None:
@@ -709,11 +1176,26 @@ class GradBalancer(Optimizer):
                 "calls made inside no_sync(); call backward() once outside no_sync() before "
                 "step(), so that they are averaged over the ranks"
             )
-        self.optimizer.step()
+        if closure is None:
+            self.optimizer.step()
+        else:
+            first = [result]
+
+            def evaluate() -> Any:
+                if first:
+                    return first.pop()
+                with torch.enable_grad():
+                    return closure()
+
+            result = self.optimizer.step(evaluate)
+            # a re-evaluation skipped for a non-finite loss must not skip the next step
+            self._skip_next_step = False
+        balanced = bool(self._pending)
         for inputs, weights in self._pending:
             self.method.update(inputs, weights)
         self._pending.clear()
-        self._steps += 1
+        if balanced:
+            self._steps += 1
         return result
 
     # ------------------------------------------------------------------ backward paths
@@ -842,7 +1324,7 @@ class GradBalancer(Optimizer):
             if self._sync is not None and self._sync.exact:
                 # the global batch's Jacobian is the mean of the ranks' Jacobians
                 tg.rows = self._sync.mean(tg.rows, shared, (k,))
-            _check_reached(shared, tg.reached)
+            _check_reached(shared, tg.reached, self._label)
         sync = self._sync
         gram = self._finish_gramian(
             tg.gramian(k),
@@ -863,7 +1345,7 @@ class GradBalancer(Optimizer):
         bad_params = [] if sync is not None else self._nonfinite_params(others, tg.others)
         if bad_params:
             return self._nonfinite(
-                f"the gradient of task-specific {bad_params} is not finite", scale, call_order
+                f"the gradient of the {', '.join(bad_params)} is not finite", scale, call_order
             )
         inputs = StepInputs(
             tasks=tasks,
@@ -883,11 +1365,7 @@ class GradBalancer(Optimizer):
             shared_grads = _engine.backprop_features(
                 features, shared, combined, retain_graph=retain_graph
             )
-            unreached = [
-                _describe(p, i, "shared")
-                for i, (p, g) in enumerate(zip(shared, shared_grads))
-                if g is None
-            ]
+            unreached = [self._label(p) for p, g in zip(shared, shared_grads) if g is None]
             if unreached:
                 raise UnreachedParameterError(
                     f"the features passed to backward() do not depend on {', '.join(unreached)}; "
@@ -1063,7 +1541,7 @@ class GradBalancer(Optimizer):
             rows_hook=hook,
         )
         self._memory_inner = mg.strategy
-        _check_reached(shared, mg.reached)
+        _check_reached(shared, mg.reached, self._label)
         gram = self._finish_gramian(
             mg.gramian, scale, rank_local=sync is not None and not sync.exact
         )
@@ -1262,25 +1740,25 @@ class GradBalancer(Optimizer):
 
     @staticmethod
     def _nonfinite_tasks(gram: Tensor, tasks: tuple[str, ...]) -> list[str]:
+        """The tasks whose own gradient is not finite: ``G_ii = ‖g_i‖²`` (a NaN in ``g_i``
+        spreads through row and column ``i`` of ``G`` to every task, but only ``G_ii`` is
+        task ``i``'s own); every task with a non-finite row if the diagonal is finite."""
         if math.isfinite(gram.sum().item()):  # a finite sum has only finite terms
             return []
-        diag_ok = torch.isfinite(gram).all(dim=1)
-        if bool(diag_ok.all()):
-            return []
-        return [tasks[i] for i, ok in enumerate(diag_ok.tolist()) if not ok]
+        own_ok = torch.isfinite(torch.diagonal(gram))
+        if bool(own_ok.all()):
+            own_ok = torch.isfinite(gram).all(dim=1)
+        return [tasks[i] for i, ok in enumerate(own_ok.tolist()) if not ok]
 
-    @staticmethod
-    def _nonfinite_params(params: list[Tensor], grads: list[Tensor | None]) -> list[str]:
+    def _nonfinite_params(self, params: list[Tensor], grads: list[Tensor | None]) -> list[str]:
         if _all_finite(grads):
             return []
         # rare path: name the offending tensors one by one
         checks = [(i, g) for i, g in enumerate(grads) if g is not None]
-        flags = torch.stack([torch.isfinite(g).all() for _, g in checks])
+        flags = torch.stack([torch.isfinite(_finite_view(g)).all() for _, g in checks])
         if bool(flags.all()):
             return []
-        return [
-            _describe(params[i], i, "")[1:] for (i, _), ok in zip(checks, flags.tolist()) if not ok
-        ]
+        return [self._label(params[i]) for (i, _), ok in zip(checks, flags.tolist()) if not ok]
 
     def _nonfinite(
         self,
@@ -1320,6 +1798,8 @@ class GradBalancer(Optimizer):
                 current = p.grad
                 if current is None:
                     p.grad = g.detach() if g.requires_grad else g
+                elif current.layout != torch.strided and g.layout == torch.strided:
+                    p.grad = g + current  # a sparse .grad cannot take a dense one in place
                 else:
                     current.add_(g)
 
@@ -1334,6 +1814,52 @@ class GradBalancer(Optimizer):
         if call_order == list(range(len(call_order))):
             return w.to(torch.get_default_dtype(), copy=True)
         return w[call_order].to(torch.get_default_dtype())
+
+    def _check_method_state(self, saved: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` unless ``saved`` has the keys of the method's state, in their
+        shapes. Keys the method does not hold yet are left to its own loader (some methods
+        create state lazily and accept it from a checkpoint; others refuse it)."""
+        expected = self.method.state_dict()
+        missing = sorted(set(expected) - set(saved))
+        where = f"method {self.method.name!r} (tasks {self.tasks})"
+        if missing:
+            raise ValueError(
+                f"the method state in the state dict does not fit {where}: it lacks {missing}; "
+                "was it saved with other tasks or method options?"
+            )
+        for key, value in expected.items():
+            if isinstance(value, Tensor) and (
+                not isinstance(saved[key], Tensor) or saved[key].shape != value.shape
+            ):
+                got = tuple(saved[key].shape) if isinstance(saved[key], Tensor) else saved[key]
+                raise ValueError(
+                    f"the method state in the state dict does not fit {where}: {key!r} is "
+                    f"{got}, expected shape {tuple(value.shape)}"
+                )
+
+    def _check_optimizer_state(self, saved: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` unless ``saved``'s param groups match the inner optimizer's."""
+        groups = saved["param_groups"]
+        current = self.optimizer.param_groups
+        if not isinstance(saved["state"], Mapping) or not isinstance(groups, Sequence):
+            raise ValueError("the optimizer state in the state dict is not an optimizer state dict")
+        if len(groups) != len(current):
+            note = ""
+            if any(p.requires_grad for p in self.method.parameters()):
+                note = " (the method's learnable parameters have a group of their own)"
+            raise ValueError(
+                f"the optimizer state in the state dict has {len(groups)} param group(s), this "
+                f"balancer's inner optimizer has {len(current)}{note}"
+            )
+        for i, (group, mine) in enumerate(zip(groups, current)):
+            params = group.get("params") if isinstance(group, Mapping) else None
+            if not isinstance(params, Sequence) or len(params) != len(mine["params"]):
+                size = len(params) if isinstance(params, Sequence) else params
+                raise ValueError(
+                    f"param group {i} of the optimizer state in the state dict holds {size} "
+                    f"parameters, this balancer's inner optimizer holds {len(mine['params'])}; "
+                    "was it saved for another model?"
+                )
 
     # ------------------------------------------------------------------ epochs
     def end_epoch(self) -> None:
@@ -1380,7 +1906,12 @@ class GradBalancer(Optimizer):
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
-        """Restore a `state_dict` into this balancer (built like the saved one)."""
+        """Restore a `state_dict` into this balancer (built like the saved one).
+
+        All or nothing: the task names, the method's state (keys and shapes) and the inner
+        optimizer's param groups are checked before anything is loaded; on any error the
+        balancer, its method and the inner optimizer are left as they were.
+        """
         if not isinstance(state_dict, Mapping) or not {"optimizer", "method", "balancer"} <= set(
             state_dict
         ):
@@ -1389,26 +1920,61 @@ class GradBalancer(Optimizer):
                 "to load an inner optimizer's state use balancer.optimizer.load_state_dict"
             )
         meta = state_dict["balancer"]
+        method_state = state_dict["method"]
+        optimizer_state = state_dict["optimizer"]
+        if (
+            not isinstance(meta, Mapping)
+            or not isinstance(method_state, Mapping)
+            or not isinstance(optimizer_state, Mapping)
+            or not {"state", "param_groups"} <= set(optimizer_state)
+        ):
+            raise ValueError(
+                "not a GradBalancer state dict: 'balancer' and 'method' must be mappings and "
+                "'optimizer' an optimizer state dict (keys 'state', 'param_groups')"
+            )
         if meta.get("method") != self.method.name:
             raise ValueError(
                 f"state dict was saved with method {meta.get('method')!r}, this balancer uses "
                 f"{self.method.name!r}"
             )
         saved_tasks = meta.get("tasks")
-        if (
-            saved_tasks is not None
-            and self._tasks is not None
-            and list(self._tasks) != list(saved_tasks)
-        ):
-            raise ValueError(
-                f"state dict was saved for tasks {saved_tasks}, this balancer has {self.tasks}"
-            )
-        if saved_tasks is not None and self._tasks is None:
-            self._bind(tuple(saved_tasks))
-        self.optimizer.load_state_dict(state_dict["optimizer"])
-        self.method.load_state_dict(state_dict["method"])
-        self._steps = int(meta.get("steps", 0))
-        self._skipped = int(meta.get("skipped_steps", 0))
+        if saved_tasks is not None:
+            saved_tasks = _inputs.validate_task_names(saved_tasks)
+            if self._tasks is not None and self._tasks != saved_tasks:
+                raise ValueError(
+                    f"state dict was saved for tasks {list(saved_tasks)}, this balancer has "
+                    f"{self.tasks}"
+                )
+        counters = {}
+        for key in ("steps", "skipped_steps"):
+            value = meta.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"state dict has {key}={value!r}; expected an int >= 0")
+            counters[key] = value
+        snapshot = self._snapshot()
+        inner = self.optimizer.state, self.optimizer.param_groups
+        backup = None
+        try:
+            if saved_tasks is not None and self._tasks is None:
+                self._bind(saved_tasks)
+            self._check_method_state(method_state)
+            self._check_optimizer_state(optimizer_state)
+            if snapshot[1] is not None:
+                # the method was bound: keep its values, to put them back if loading fails
+                backup = {
+                    k: v.detach().clone() if isinstance(v, Tensor) else v
+                    for k, v in self.method.state_dict().items()
+                }
+            self.optimizer.load_state_dict(optimizer_state)
+            self.method.load_state_dict(method_state)
+        except BaseException:
+            self.optimizer.__setstate__({"state": inner[0], "param_groups": inner[1]})
+            self._restore(snapshot)  # drops what binding (or a lazy loader) created
+            if backup is not None:
+                self.method.load_state_dict(backup)
+            raise
+        self._steps = counters["steps"]
+        self._skipped = counters["skipped_steps"]
         engine_used = meta.get("engine")
         if self._engine_request == "auto" and engine_used in ("loop", "batched", "chained"):
             self._strategy = engine_used

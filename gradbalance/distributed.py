@@ -112,6 +112,7 @@ class Synchronizer:
         self.mode = mode
         self.group = group
         self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
         self.bucket_bytes = int(bucket_bytes)
         self.elements = 0
         self.calls = 0
@@ -199,6 +200,22 @@ class Synchronizer:
         for t, n in zip(filled, present.tolist()):
             out.append(t.div_(self.world_size) if n > 0 else None)
         return out
+
+    def agree_(self, failed: bool, tensors: Sequence[Tensor], device: torch.device) -> list[int]:
+        """Average ``tensors`` over ranks in place (as `mean_`) and tell which ranks failed.
+
+        ``failed`` travels as one float64 flag per rank in the same all-reduce as ``tensors``
+        (one call when they are float64 on ``device``). Every rank must pass tensors of the
+        same total size; a rank that failed passes zeros. Returns the ranks (in the group)
+        whose ``failed`` was true, in increasing order.
+        """
+        flags = torch.zeros(self.world_size, dtype=torch.float64, device=device)
+        if failed:
+            flags[self.rank] = 1.0
+        self._all_reduce_sum_([*tensors, flags])
+        for t in tensors:
+            t.div_(self.world_size)
+        return [r for r, f in enumerate(flags.tolist()) if f > 0]
 
     def any(self, flag: bool, device: torch.device) -> bool:
         """Whether ``flag`` is true on some rank (one all-reduce of one number)."""

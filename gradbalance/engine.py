@@ -25,8 +25,10 @@ These strategies compute the task Jacobian ``J`` (one row per task):
     the ``K × P`` Jacobian never exists at once. The update ``Jᵀw`` then comes from one
     ordinary backward of ``Σ_i w_i L_i`` (`weighted_gradients`).
 
-The Gramian ``G = J Jᵀ`` is accumulated in float64 parameter tensor by parameter tensor, so
-its precision does not depend on the model's dtype and ``J`` is never concatenated.
+The Gramian ``G = J Jᵀ`` is accumulated in float64 over column blocks of ``J`` (converted to
+float64 block by block), so its precision does not depend on the model's dtype. ``loop`` (and
+``chained`` from 16 shared tensors on) hold ``J`` as one ``(K, P)`` matrix; only ``memory``
+never holds all of it.
 
 Everything here is free of side effects: nothing writes ``.grad``; the balancer does that once
 every check has passed.

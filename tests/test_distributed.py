@@ -270,20 +270,21 @@ def test_what_each_rank_sends_per_step(ranks):
     p_heads = sum(p.numel() for p in net.heads.parameters())
     n_shared = len(list(net.trunk.parameters()))
     n_heads = len(list(net.heads.parameters()))
+    # every step also carries one input-error flag per rank (with the losses, past step 1)
     per_step = {
         # losses; Jacobian rows (+ one presence flag per tensor); task-specific gradients
-        "mgda": K + (K * p_shared + n_shared) + (p_heads + n_heads),
+        "mgda": K + WORLD + (K * p_shared + n_shared) + (p_heads + n_heads),
         # losses; the K x K feature Gramian; the whole update
-        "mgda-ub": K + K * K + (p_shared + n_shared + p_heads + n_heads),
+        "mgda-ub": K + WORLD + K * K + (p_shared + n_shared + p_heads + n_heads),
         # losses; rows of the last shared layer; the gradient of every parameter
-        "gradnorm": K + (K * (6 * 8 + 6) + 2) + (p_shared + p_heads + n_shared + n_heads),
+        "gradnorm": K + WORLD + (K * (6 * 8 + 6) + 2) + (p_shared + p_heads + n_shared + n_heads),
         # losses; every parameter's gradient, the log-variances included
-        "uncertainty": K + (p_shared + p_heads + K + n_shared + n_heads + 1),
+        "uncertainty": K + WORLD + (p_shared + p_heads + K + n_shared + n_heads + 1),
     }
     for name, elements in per_step.items():
         assert ranks[0][name]["elements"] == STEPS * elements, name
     # the local mode: the K x K Gramian instead of the K x P rows
-    local = K + K * K + (p_shared + p_heads + n_shared + n_heads)
+    local = K + WORLD + K * K + (p_shared + p_heads + n_shared + n_heads)
     assert ranks[0]["local"]["elements"] == local
 
 

@@ -49,6 +49,12 @@ class IMTLL(Method):
         lr: learning rate of the $s$ param group; ``None`` uses the inner optimizer's default.
         weight_decay: weight decay of the $s$ param group (default ``0``).
 
+    Tip:
+        Pass ``tasks=[...]`` to ``GradBalancer`` when you also use a learning-rate
+        scheduler: the $s$ param group is then created at construction, before the scheduler
+        records the param groups (without it, the first ``backward`` raises rather than add a
+        group the scheduler does not know).
+
     Examples:
         >>> import torch, gradbalance as gb
         >>> _ = torch.manual_seed(0)

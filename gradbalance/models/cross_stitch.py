@@ -21,11 +21,13 @@ encoder stage (after pooling; each column unpools with its own indices) and ever
 but the last: ``2 × 5 - 1 = 9`` units. The parameters are about ``T`` single-task SegNets
 (``#P ≈ 3`` for NYUv2).
 
-Parameter partition: the stitch units are the shared parameters (they are the only parameters
-whose purpose is to share, and every task's loss reaches them); each column and head belongs
-to its task. Every task's loss also reaches the other columns through the units, which the
-task-specific default of `gradbalance.GradBalancer` handles (each such parameter gets
-the sum of the unweighted task gradients).
+Parameter partition: a parameter is shared when more than one task's loss reaches it, the
+definition of ``GradBalancer(shared="auto")``. Through the units every task's loss reaches every
+column up to the last unit, so the shared parameters are the units *and* each column's encoder
+and decoder stages but its last; each column's last decoder stage (after the last unit) and its
+head belong to its task. A gradient method thus balances the columns too (with only the units
+shared, each column would get the plain sum of the task gradients, and the method would act on
+a handful of mixing weights). The last shared layer (GradNorm's ``W``) is the last unit.
 """
 
 from __future__ import annotations
@@ -170,11 +172,21 @@ class ColumnNet(MultiTaskModel):
             {"params": list(self.units.parameters()), "lr": lr * self.unit_lr_mult},
         ]
 
+    def _column_shared(self) -> list[Member]:
+        """Every column's layers before the last fusion unit: each task's loss reaches them
+        (through the units), so they are shared in the sense of `shared_parameters`."""
+        members: list[Member] = []
+        for col in self.columns.values():
+            last = col.dec_stage(0)
+            members += [col.enc, *(stage for stage in col.dec if stage is not last)]
+        return members
+
     def _shared_members(self) -> list[Member]:
-        return [self.units]
+        return [*self._column_shared(), self.units]
 
     def _task_members(self, task: str) -> list[Member]:
-        return [self.columns[task], self.heads[task]]
+        # after the last unit, each column's last decoder stage and head serve one task only
+        return [self.columns[task].dec_stage(0), self.heads[task]]
 
     def _last_shared_members(self) -> list[Member]:
         return [self.units[-1]]

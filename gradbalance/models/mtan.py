@@ -182,7 +182,10 @@ class SegNetMTAN(MultiTaskModel):
         return [self.enc_att[task], self.dec_att[task], self.heads[task]]
 
     def _last_shared_members(self) -> list[Member]:
-        return [self.backbone.dec_stage(0).last_layer()]
+        # the last shared layers in execution order: the shared network's last convolution
+        # (its output p^(0) is what the last masks select from) and the shared f^(0) of the
+        # last decoder attention stage (its output feeds only the task-specific masks)
+        return [self.backbone.dec_stage(0).last_layer()[0], self.dec_f[0][0]]
 
 
 class STAN(MultiTaskModel):
@@ -362,7 +365,10 @@ class MTAN(MultiTaskModel):
             found = [
                 m for m in self.stages.modules() if next(m.parameters(False), None) is not None
             ]
-        return found[-1:]
+        # with the shared f of the last stage's attention, applied as late (its output feeds
+        # only the task-specific masks of that stage)
+        shared_f: list[Member] = [self.shared_f[-1][0]] if len(self.shared_f) else []
+        return [*found[-1:], *shared_f]
 
 
 class BasicBlock(nn.Module):

@@ -19,9 +19,14 @@ unit scale and zero shift.
 Backbone: the same SegNet columns and fusion points as `CrossStitch` (after every
 encoder stage and every decoder stage but the last). The paper inserts NDDR layers between the
 stages of VGG-16 and ResNet backbones; putting SegNet here keeps the zoo comparable.
-The NDDR layers are the shared parameters, for the reason given in
-`gradbalance.models.cross_stitch`; `param_groups` trains them with a larger learning
-rate.
+`param_groups` trains the NDDR layers with a larger learning rate.
+
+Parameter partition (as in `gradbalance.models.cross_stitch`: shared means reached by more than
+one task's loss): the NDDR layers but the last, and each column's stages before the last NDDR
+layer, are shared. In the last NDDR layer, task ``i``'s convolution and BatchNorm feed only task
+``i``'s column, so they belong to task ``i`` with the column's last decoder stage and its head.
+The last shared layer (GradNorm's ``W``) is then the last convolution of every column's
+second-to-last decoder stage, one per column, all applied just before the last NDDR layer.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from gradbalance.models.base import NYUV2_TASKS, TasksLike, init_weights, parse_tasks
+from gradbalance.models.base import NYUV2_TASKS, Member, TasksLike, init_weights, parse_tasks
 from gradbalance.models.cross_stitch import ColumnNet, mixing_init
 
 __all__ = ["NDDRCNN", "NDDRLayer"]
@@ -106,3 +111,14 @@ class NDDRCNN(ColumnNet):
         self.units = nn.ModuleList(
             NDDRLayer(len(self.tasks), ch, self_weight=self_weight) for ch in fused
         )
+
+    def _shared_members(self) -> list[Member]:
+        return [*self._column_shared(), *self.units[:-1]]
+
+    def _task_members(self, task: str) -> list[Member]:
+        i = list(self.tasks).index(task)
+        last = self.units[-1]
+        return [*super()._task_members(task), last.convs[i], last.bns[i]]
+
+    def _last_shared_members(self) -> list[Member]:
+        return [col.dec_stage(1).last_layer()[0] for col in self.columns.values()]

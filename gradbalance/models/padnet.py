@@ -268,4 +268,5 @@ class PADNet(MultiTaskModel):
         return members
 
     def _last_shared_members(self) -> list[Member]:
-        return [self.encoder[-1].last_layer()]  # type: ignore[operator]
+        # the convolution of the encoder's last Conv-BN-ReLU (not its 1-D BatchNorm tensors)
+        return [self.encoder[-1].last_layer()[0]]  # type: ignore[operator,index]

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gradbalance.errors import OptionError
 from gradbalance.models.base import (
     NYUV2_TASKS,
     Member,
@@ -77,13 +78,32 @@ class SegNetStage(nn.Module):
 
     MTAN reads the output of the first layer (``u``) and of the whole stage (``p``), so the
     two parts are kept apart.
+
+    With ``mid_channels``, the first layer maps ``in -> mid`` and the second ``mid -> out``
+    (the *Dense* task networks' last decoder stage, ``2c -> 2c -> c`` as in the reference code).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, depth: int, repeat: int = 1) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        depth: int,
+        repeat: int = 1,
+        mid_channels: int | None = None,
+    ) -> None:
         super().__init__()
-        self.first = conv_layer(in_channels, out_channels, repeat)
+        mid = out_channels if mid_channels is None else mid_channels
+        if mid != out_channels and depth < 2:
+            raise OptionError(
+                f"SegNetStage: mid_channels={mid} differs from out_channels={out_channels}, which "
+                f"needs a second layer, but depth={depth}; use depth >= 2 or mid_channels=None"
+            )
+        self.first = conv_layer(in_channels, mid, repeat)
         self.rest = nn.Sequential(
-            *[conv_layer(out_channels, out_channels, repeat) for _ in range(depth - 1)]
+            *[
+                conv_layer(mid if i == 0 else out_channels, out_channels, repeat)
+                for i in range(depth - 1)
+            ]
         )
         self.out_channels = out_channels
 
@@ -106,7 +126,9 @@ class SegNetBackbone(nn.Module):
         repeat: ``Conv-BN-ReLU`` blocks per layer (2 builds the *Split, Deep* network).
         fuse: stage inputs (all but the first encoder stage) are the concatenation of this
             network's features with equally wide external features (the *Dense* baseline's
-            task networks), so their input channels double.
+            task networks), so their input channels double; the last decoder stage then keeps
+            the doubled width in its first layer (``2c_0 -> 2c_0 -> c_0``), as in the MTAN
+            reference code's Dense network.
         decoder_stages: how many decoder stages to build, deepest first (default: all).
 
     Attributes:
@@ -145,7 +167,13 @@ class SegNetBackbone(nn.Module):
         )
         n_dec = n if decoder_stages is None else decoder_stages
         self.dec = nn.ModuleList(
-            SegNetStage(k * c[s], c[s - 1] if s > 0 else c[0], depths[s], repeat)
+            SegNetStage(
+                k * c[s],
+                c[s - 1] if s > 0 else c[0],
+                depths[s],
+                repeat,
+                mid_channels=k * c[0] if s == 0 and fuse and depths[0] > 1 else None,
+            )
             for s in reversed(range(n - n_dec, n))
         )
 
@@ -279,7 +307,9 @@ class Split(MultiTaskModel):
         return [self.heads[task]]
 
     def _last_shared_members(self) -> list[Member]:
-        return [self.backbone.dec_stage(0).last_layer()]
+        # the convolution of the last Conv-BN-ReLU (its BatchNorm's 1-D scale and shift are no
+        # layer weights): the last shared layer in execution order
+        return [self.backbone.dec_stage(0).last_layer()[0]]
 
 
 class Dense(MultiTaskModel):
@@ -289,11 +319,16 @@ class Dense(MultiTaskModel):
     Task network ``k``, encoder stage ``s >= 1``: input ``[T_k^{s-1} ; P^{s-1}]`` (its own
     pooled features and the shared network's); decoder stage ``s``: input
     ``[unpool(T_k) ; U^s]`` with ``U^s`` the shared decoder's unpooled input at that stage. Each
-    task network unpools with its own indices.
+    task network unpools with its own indices. As in the reference code
+    (``im2im_pred/model_segnet_dense.py``), a task network's last decoder stage keeps the
+    doubled width in its first layer: ``Conv3×3(2c_0 -> 2c_0)`` then ``Conv3×3(2c_0 -> c_0)``
+    (``c_0 = 64``), where its other decoder stages map to ``c_{s-1}`` in their first layer.
 
     Deviation: the reference implementation also builds the shared network's last decoder
-    stage, whose output no task reads; it is left out here so that every parameter receives a
-    gradient (0.2 % of one SegNet's parameters).
+    stage (``Conv3×3(64 -> 64)``, ``Conv3×3(64 -> 13)``, with BN: 44,583 parameters, 0.18 % of
+    one SegNet), whose output no task reads; it is left out here so that every parameter
+    receives a gradient. Otherwise the networks are the same size: 123,699,409 parameters for
+    NYUv2's three tasks against the reference's 123,743,992 (``#P`` 4.952 against 4.954).
 
     Args:
         tasks: the tasks (default `NYUV2_TASKS`).
@@ -353,4 +388,4 @@ class Dense(MultiTaskModel):
         return [self.columns[task], self.heads[task]]
 
     def _last_shared_members(self) -> list[Member]:
-        return [self.shared.dec_stage(1).last_layer()]
+        return [self.shared.dec_stage(1).last_layer()[0]]  # its convolution (not the BN)

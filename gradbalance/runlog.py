@@ -64,6 +64,13 @@ class RunLogger:
                 if key != "step" and isinstance(value, (int, float)):
                     self._tb.add_scalar(key, value, step)
 
+    def flush(self) -> None:
+        """Write the rows logged so far to disk (`gradbalance.training.fit` calls it after
+        every epoch, so a run killed later keeps them)."""
+        self._file.flush()
+        if self._tb is not None:
+            self._tb.flush()
+
     def close(self) -> None:
         """Flush and close the files."""
         self._file.close()

@@ -233,7 +233,8 @@ def fit(
             `make_evaluator`).
         kpi_fn: per-batch KPIs for methods that need them.
         scheduler: a learning-rate scheduler stepped once per epoch.
-        run_logger: a `gradbalance.runlog.RunLogger` that receives every step's row.
+        run_logger: a `gradbalance.runlog.RunLogger` that receives every step's row; its
+            rows are flushed to disk after every epoch.
         show_progress: show a progress bar.
         desc: the bar's label (and the log lines').
         forward: ``forward(x) -> outputs`` used instead of ``model(x)`` (e.g.
@@ -321,6 +322,8 @@ def fit(
                     run_logger.log(row)
                 step += 1
                 bar.update(1)
+            if run_logger is not None:  # on disk before evaluating: a killed run keeps them
+                run_logger.flush()
             balancer.end_epoch()
             if scheduler is not None:
                 scheduler.step()

@@ -8,21 +8,17 @@ then compare what the ranks saved with single-process runs.
 from __future__ import annotations
 
 import copy
-import multiprocessing
-import os
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import gradbalance as gb
 from gradbalance import engine
 from gradbalance.methods import GRAMIAN, JACOBIAN, Method, StepInputs
 from tests.conftest import GramianFixed
+from tests.ddp_harness import run_ranks
 
 WORLD = 2
 BATCH = 6  # per rank; the global batch has WORLD * BATCH samples
@@ -207,36 +203,21 @@ def error_checks(rank: int, world: int) -> dict:
     return found
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        results = {
-            name: train(m, e, micro, rank, world, distributed="auto")
-            for name, (m, e, micro) in SCENARIOS.items()
-        }
-        results["local"] = local_mode_first_step(rank, world)
-        results["errors"] = error_checks(rank, world)
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _scenarios(rank: int, world: int) -> dict:
+    results = {
+        name: train(m, e, micro, rank, world, distributed="auto")
+        for name, (m, e, micro) in SCENARIOS.items()
+    }
+    results["local"] = local_mode_first_step(rank, world)
+    results["errors"] = error_checks(rank, world)
+    return results
 
 
 @pytest.fixture(scope="module")
 def ranks():
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = str(Path(tmp) / "init")
-        # a fork server imports torch once (with the optimizers' lazy imports) and forks the
-        # ranks from that clean process: faster than two spawned interpreters on 2 cores
-        method = (
-            "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-        )
-        if method == "forkserver":
-            multiprocessing.get_context(method).set_forkserver_preload(
-                ["torch", "torch._dynamo", "tests.test_distributed"]
-            )
-        mp.start_processes(_worker, args=(WORLD, init_file, tmp), nprocs=WORLD, start_method=method)
-        yield [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    # the fork server imports torch once (with the optimizers' lazy imports) and forks the ranks
+    preload = ["torch", "torch._dynamo", "tests.test_distributed"]
+    return run_ranks(_scenarios, WORLD, preload=preload)
 
 
 def assert_params_close(a: dict, b: dict, atol: float = 1e-6) -> None:

@@ -7,21 +7,13 @@ makes the test fail instead of hanging.
 
 from __future__ import annotations
 
-import datetime
-import multiprocessing
-import os
-import tempfile
-import time
-from pathlib import Path
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import gradbalance as gb
 from gradbalance.errors import GradBalanceError
 from tests.conftest import MultiHeadNet
+from tests.ddp_harness import run_ranks
 
 WORLD = 2
 DEADLINE_S = 120
@@ -51,7 +43,7 @@ def _nan_kpi(losses, kw):
     kw["kpis"] = {"t0": float("nan"), "t1": 0.5}
 
 
-def _scenarios(rank: int) -> dict:
+def _scenarios(rank: int, world: int) -> dict:
     out = {}
     # past the first step: rank 1 passes a constant loss at step 1
     model = MultiHeadNet(num_tasks=2)
@@ -84,43 +76,15 @@ def _params(model):
     return [p.detach().clone() for p in model.parameters()]
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    try:
-        torch.save(_scenarios(rank), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def ranks():
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = str(Path(tmp) / "init")
-        method = (
-            "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-        )
-        if method == "forkserver":
-            multiprocessing.get_context(method).set_forkserver_preload(
-                ["torch", "tests.test_distributed_errors"]
-            )
-        ctx = mp.start_processes(
-            _worker, args=(WORLD, init_file, tmp), nprocs=WORLD, start_method=method, join=False
-        )
-        deadline = time.monotonic() + DEADLINE_S
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    if p.is_alive():
-                        p.kill()
-                pytest.fail(f"the ranks did not finish within {DEADLINE_S} s (a rank blocked)")
-        yield [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return run_ranks(
+        _scenarios,
+        WORLD,
+        preload=["torch", "tests.test_distributed_errors"],
+        deadline_s=DEADLINE_S,
+        collective_timeout_s=60,
+    )
 
 
 def _assert_same_params(ranks, key):

@@ -139,14 +139,8 @@ def test_loss_weighting_without_parameters_ignores_schedulers():
 
 
 # ---------------------------------------------------------------------- item 3: LBFGS
-@pytest.mark.parametrize("method", ["equal", "mgda"])
-def test_lbfgs_trains_through_the_closure(method):
-    model = MultiHeadNet(num_tasks=2)
-    opt = gb.GradBalancer(
-        torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5), method, shared=model.trunk
-    )
-    x, y = model.inputs(batch=16)
-    calls = []
+def balanced_closure(opt, model, x, y, calls: list[int]):
+    """A closure as torch.optim expects it, through the balancer; appends to ``calls`` per run."""
 
     def closure():
         opt.zero_grad()
@@ -154,6 +148,18 @@ def test_lbfgs_trains_through_the_closure(method):
         opt.backward(losses)
         calls.append(1)
         return sum(losses.values())
+
+    return closure
+
+@pytest.mark.parametrize("method", ["equal", "mgda"])
+def test_lbfgs_trains_through_the_closure(method):
+    model = MultiHeadNet(num_tasks=2)
+    opt = gb.GradBalancer(
+        torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5), method, shared=model.trunk
+    )
+    x, y = model.inputs(batch=16)
+    calls: list[int] = []
+    closure = balanced_closure(opt, model, x, y, calls)
 
     with torch.no_grad():
         start = sum(model.losses(x, y).values()).item()
@@ -171,14 +177,8 @@ def test_a_closure_runs_once_for_first_order_optimizers():
     model = MultiHeadNet(num_tasks=2)
     opt = gb.GradBalancer(torch.optim.Adam(model.parameters(), lr=0.01), shared=model.trunk)
     x, y = model.inputs()
-    calls = []
-
-    def closure():
-        opt.zero_grad()
-        losses = model.losses(x, y)
-        opt.backward(losses)
-        calls.append(1)
-        return sum(losses.values())
+    calls: list[int] = []
+    closure = balanced_closure(opt, model, x, y, calls)
 
     result = opt.step(closure)
     assert len(calls) == 1 and opt.steps == 1

@@ -1,7 +1,8 @@
 """Reference multi-task models with a common face (see `MultiTaskModel`).
 
-Build them by name with `create` (`list()` gives the names, `describe()` what each one is)
-or from their classes:
+Build them by name with the verbs of `gradbalance.methods`: `available()` gives the names,
+`get(name, tasks=..., **options)` builds one, `describe(name)` says what it is, `register` adds
+one (`create` and `list` are aliases of `get` and `available`). Or build them from their classes:
 
 ==================  ===========================================  ==========================
 name                model                                        paper
@@ -22,6 +23,7 @@ name                model                                        paper
 ==================  ===========================================  ==========================
 """
 
+from collections.abc import Callable
 from typing import Any
 
 from gradbalance.models.base import (
@@ -42,7 +44,15 @@ from gradbalance.models.mmoe import CENSUS_TASKS, MMoE
 from gradbalance.models.mtan import MTAN, STAN, AttentionModule, SegNetMTAN, resnet_mtan
 from gradbalance.models.nddr import NDDRCNN, NDDRLayer
 from gradbalance.models.padnet import PADNet, PADNetOutput
-from gradbalance.models.registry import ModelInfo, create, describe, list, register
+from gradbalance.models.registry import (
+    ModelInfo,
+    available,
+    create,
+    describe,
+    get,
+    list,
+    register,
+)
 from gradbalance.models.segnet import Dense, SegNet, SegNetBackbone, Split
 
 __all__ = [
@@ -72,8 +82,10 @@ __all__ = [
     "Split",
     "TaskHead",
     "TaskSpec",
+    "available",
     "create",
     "describe",
+    "get",
     "list",
     "parse_tasks",
     "register",
@@ -81,7 +93,7 @@ __all__ = [
 ]
 
 
-def _split(variant: str):
+def _split(variant: str) -> Callable[..., Split]:
     def build(tasks: TasksLike = None, **kw: Any) -> Split:
         return Split(tasks, variant=variant, **kw)
 

@@ -1,5 +1,9 @@
-"""Build zoo models by name: `gb.models.create(name, tasks=..., **kw)`, `gb.models.list()` and
-`gb.models.describe()`.
+"""Build zoo models by name, with the same verbs as `gradbalance.methods`:
+`gb.models.available()`, `gb.models.get(name, tasks=..., **options)` and
+`gb.models.describe(name)`; `gb.models.register` adds a model.
+
+`create` and `list` are the earlier names of `get` and `available`: the same functions, kept
+as aliases (``gb.models.create is gb.models.get``).
 
 Names are matched case-insensitively, ignoring ``-`` and ``_`` (``"pad-net"``, ``"padnet"``
 and ``"PAD_Net"`` are the same model).
@@ -17,7 +21,7 @@ from typing import Any, overload
 
 from gradbalance.models.base import MultiTaskModel, TasksLike
 
-__all__ = ["ModelInfo", "create", "describe", "list", "register"]
+__all__ = ["ModelInfo", "available", "create", "describe", "get", "list", "register"]
 
 Factory = Callable[..., MultiTaskModel]
 _REGISTRY: dict[str, tuple[str, Factory]] = {}
@@ -41,7 +45,7 @@ def register(name: str, factory: Factory | None = None) -> Any:
         >>> @gb.models.register("tiny-split-doc")
         ... def tiny_split(tasks=None, **kw):
         ...     return gb.models.Split(tasks, width=1 / 32, **kw)
-        >>> "tiny-split-doc" in gb.models.list()
+        >>> "tiny-split-doc" in gb.models.available()
         True
     """
 
@@ -57,39 +61,49 @@ def register(name: str, factory: Factory | None = None) -> Any:
     return add
 
 
-def list() -> builtins.list[str]:
-    """The registered model names, sorted.
+def available() -> builtins.list[str]:
+    """The registered model names, sorted (also available as `list`).
 
     Examples:
         >>> import gradbalance as gb
-        >>> {"mtan", "split", "cross-stitch", "multilenet"} <= set(gb.models.list())
+        >>> {"mtan", "split", "cross-stitch", "multilenet"} <= set(gb.models.available())
+        True
+        >>> gb.models.list is gb.models.available
         True
     """
     return sorted(name for name, _ in _REGISTRY.values())
 
 
-def create(name: str, tasks: TasksLike = None, **kwargs: Any) -> MultiTaskModel:
-    """Build the model registered as ``name``.
+def get(name: str, tasks: TasksLike = None, **options: Any) -> MultiTaskModel:
+    """Build the model registered as ``name`` (also available as `create`).
 
     Args:
-        name: a name from `list` (case, ``-`` and ``_`` do not matter).
+        name: a name from `available` (case, ``-`` and ``_`` do not matter).
         tasks: the tasks (see `gradbalance.models.parse_tasks`); ``None`` for the
             model's default (NYUv2's three tasks for the SegNet family).
-        **kwargs: the model's options (``width=``, ...).
+        **options: the model's options (``width=``, ...).
 
     Raises:
         ValueError: unknown name (the message suggests close matches).
 
     Examples:
         >>> import torch, gradbalance as gb
-        >>> model = gb.models.create("mtan", tasks=gb.models.CITYSCAPES_TASKS, width=1 / 16)
+        >>> model = gb.models.get("mtan", tasks=gb.models.CITYSCAPES_TASKS, width=1 / 16)
         >>> [*model(torch.randn(2, 3, 32, 64))]
         ['segmentation', 'depth']
+        >>> gb.models.create is gb.models.get
+        True
     """
     factory = _entry(name)[1]
     if tasks is None:
-        return factory(**kwargs)
-    return factory(tasks, **kwargs)
+        return factory(**options)
+    return factory(tasks, **options)
+
+
+#: Alias of `available` (its earlier name).
+list = available
+#: Alias of `get` (its earlier name).
+create = get
 
 
 @dataclass(frozen=True)
@@ -97,14 +111,14 @@ class ModelInfo:
     """What `describe` says about one registered model.
 
     Attributes:
-        name: the registry name (`create(name)`).
+        name: the registry name (`get(name)`).
         summary: the first sentence of the model's docstring.
         model_class: the `MultiTaskModel` subclass the factory builds, or `None` when the
             factory does not say (no class, no return annotation).
         has_shared_features: whether the model has `encode`/`decode` around one shared
             tensor (what MGDA-UB and the `"representation"` engine need).
-        accepts_width: whether `create(name, width=...)` is accepted.
-        required_options: keyword options `create` needs besides `tasks` (e.g. MMoE's
+        accepts_width: whether `get(name, width=...)` is accepted.
+        required_options: keyword options `get` needs besides `tasks` (e.g. MMoE's
             `in_features`).
     """
 
@@ -166,7 +180,8 @@ def describe(name: str | None = None) -> ModelInfo | builtins.list[ModelInfo]:
     """Describe one registered model, or all of them (sorted by name).
 
     Args:
-        name: a name from `list` (case, `-` and `_` do not matter); `None` for every model.
+        name: a name from `available` (case, `-` and `_` do not matter); `None` for every
+            model.
 
     Raises:
         ValueError: unknown name (the message suggests close matches).
@@ -191,7 +206,7 @@ def _entry(name: str) -> tuple[str, Factory]:
         raise TypeError(f"name must be a string, got {type(name).__name__}")
     entry = _REGISTRY.get(_key(name))
     if entry is None:
-        names = list()
+        names = available()
         close = difflib.get_close_matches(name.lower(), names, n=3)
         hint = f"; did you mean {close}?" if close else ""
         raise ValueError(f"unknown model {name!r}{hint} Registered models: {names}")

@@ -11,20 +11,33 @@ WIDTH = 1 / 16
 IMAGE = 32
 BATCH = 2
 
+
+def zoo_models() -> list[str]:
+    """The registered models the package ships, from the registry (sorted).
+
+    Models that tests, doctests or examples register (their classes live outside
+    ``gradbalance.models``, or their factories name no class) are left out.
+    """
+    return [
+        info.name
+        for info in models.describe()
+        if info.model_class is not None
+        and info.model_class.__module__.startswith("gradbalance.models.")
+    ]
+
+
+#: The zoo models that do not read 32×32 RGB images, each with its own input (`inputs`) and
+#: task sets (tests/models/test_zoo.py), and why. A new model is an image model until listed here.
+NON_IMAGE_MODELS = {
+    "mmoe": "tabular features (in_features=6), no width=",
+    "multilenet": "28×28 grey MultiMNIST digits, fixed left/right tasks",
+}
+
+#: Every registered model, from the registry (read once, at collection).
+ZOO_MODELS = zoo_models()
+
 #: Every SegNet-family registry name (image models taking width=).
-IMAGE_MODELS = [
-    "segnet",
-    "split",
-    "split-wide",
-    "split-deep",
-    "dense",
-    "stan",
-    "mtan",
-    "mtan-resnet",
-    "cross-stitch",
-    "nddr-cnn",
-    "pad-net",
-]
+IMAGE_MODELS = [name for name in ZOO_MODELS if name not in NON_IMAGE_MODELS]
 
 #: Task sets every image model is checked with.
 IMAGE_TASK_SETS = {
@@ -39,10 +52,10 @@ def build(name: str, tasks=None, **kw):
     """A small instance of a registered model."""
     torch.manual_seed(0)
     if name == "mmoe":
-        return models.create(name, tasks, in_features=6, num_experts=3, **kw)
+        return models.get(name, tasks, in_features=6, num_experts=3, **kw)
     if name == "multilenet":
-        return models.create(name, tasks, **kw)
-    return models.create(name, tasks, width=kw.pop("width", WIDTH), **kw)
+        return models.get(name, tasks, **kw)
+    return models.get(name, tasks, width=kw.pop("width", WIDTH), **kw)
 
 
 def inputs(name: str, seed: int = 0) -> torch.Tensor:

@@ -7,22 +7,21 @@ import pytest
 import torch
 
 import gradbalance as gb
-from gradbalance import models
 from tests.conftest import GramianFixed
-from tests.models.helpers import build, inputs, task_losses
+from tests.models.helpers import NON_IMAGE_MODELS, ZOO_MODELS, build, inputs, task_losses
 
 TWO_TASKS = {"segmentation": 3, "depth": 1}
 
 
 def _tasks(name):
-    return None if name in ("mmoe", "multilenet") else TWO_TASKS
+    return None if name in NON_IMAGE_MODELS else TWO_TASKS
 
 
 def _ids(params):
     return {id(p) for p in params}
 
 
-@pytest.mark.parametrize("name", models.list())
+@pytest.mark.parametrize("name", ZOO_MODELS)
 def test_default_last_shared_layer_is_the_models_declaration(name):
     model = build(name, _tasks(name))
     declared = list(model.last_shared_parameters())

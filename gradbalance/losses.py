@@ -12,16 +12,20 @@ the prediction (so ``backward`` works and gives zero gradients) instead of NaN. 
 synchronises with the device (no ``.item()`` or data-dependent branch).
 
 Also here: the example-level focal loss used by Dynamic Task Prioritization (Guo et al.,
-ECCV 2018) and `task_loss`, which picks the loss from a task's kind.
+ECCV 2018). The loss of each task kind is chosen in `gradbalance.tasks` (its
+``task_loss`` is importable from here too).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from gradbalance.tasks import task_loss
 
 __all__ = [
     "classification_loss",
@@ -194,34 +198,12 @@ def focal_loss(
     return loss.sum() / keep.sum().clamp_min(1).to(loss.dtype)
 
 
-_BY_KIND = {
-    "segmentation": segmentation_loss,
-    "depth": depth_loss,
-    "normal": normal_loss,
-    "classification": classification_loss,
-    "regression": regression_loss,
-}
+def __getattr__(name: str) -> Any:
+    # `task_loss` dispatches on the task kind, so it lives in `gradbalance.tasks` (which owns
+    # the kinds and imports this module); it stays importable from here.
+    if name == "task_loss":
+        from gradbalance.tasks import task_loss
 
-
-def task_loss(spec: Any, pred: Tensor, target: Tensor) -> Tensor:
-    """The loss of a task chosen by its kind.
-
-    ``segmentation`` -> `segmentation_loss`, ``depth`` -> `depth_loss`, ``normal``
-    -> `normal_loss`, ``classification`` -> `classification_loss`, ``regression``
-    -> `regression_loss`.
-
-    Args:
-        spec: a `gradbalance.models.TaskSpec` or a kind string.
-        pred: the model output for the task.
-        target: its target.
-
-    Examples:
-        >>> import torch
-        >>> float(task_loss("depth", torch.ones(1, 1, 2, 2), torch.full((1, 2, 2), 3.0)))
-        2.0
-    """
-    kind = getattr(spec, "kind", spec)
-    fn = _BY_KIND.get(kind) if isinstance(kind, str) else None
-    if fn is None:
-        raise ValueError(f"unknown task kind {kind!r}; expected one of {sorted(_BY_KIND)}")
-    return fn(pred, target)
+        globals()[name] = task_loss
+        return task_loss
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

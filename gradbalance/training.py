@@ -7,8 +7,9 @@ share, so that their numbers come from one place. Read it as a reference for you
 * `fit` trains a model with a balancer for some epochs and returns a `History`;
 * `TensorLoader` batches in-memory tensors (MultiMNIST) faster than a ``DataLoader``;
 * `make_evaluator` turns a loader into ``evaluate(model) -> {"task/metric": value}`` with
-  `gradbalance.metrics.MultiTaskMetrics`;
-* `make_kpi_fn` gives DTP its per-batch KPIs (accuracy-like numbers in ``[0, 1]``).
+  `gradbalance.tasks.MultiTaskMetrics`;
+* `make_kpi_fn` gives DTP its per-batch KPIs (accuracy-like numbers in ``[0, 1]``); it is
+  `gradbalance.tasks.make_kpi_fn`, which picks each task's KPI from its kind.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from torch import Tensor, nn
 
 from gradbalance.balancer import GradBalancer
 from gradbalance.methods import FEATURES, KPIS
-from gradbalance.metrics import MultiTaskMetrics, normal_angles, pixel_accuracy
+from gradbalance.metrics import DEPTH_KPI_RATIO as DEPTH_KPI_RATIO
+from gradbalance.metrics import NORMAL_KPI_DEGREES as NORMAL_KPI_DEGREES
 from gradbalance.runlog import RunLogger
+from gradbalance.tasks import MultiTaskMetrics, make_kpi_fn
 
 __all__ = [
     "History",
@@ -43,11 +46,6 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 LossesFn = Callable[[Any, Mapping[str, Tensor]], Mapping[str, Tensor]]
 KpiFn = Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], Mapping[str, float]]
 Batch = tuple[Tensor, Mapping[str, Tensor]]
-
-#: The threshold of the depth KPI of `make_kpi_fn`: ``max(d̂/d, d/d̂) < 1.25`` (the usual δ₁).
-DEPTH_KPI_RATIO = 1.25
-#: The angle (degrees) under which a normal counts as right in the KPI of `make_kpi_fn`.
-NORMAL_KPI_DEGREES = 30.0
 
 
 def progress(
@@ -349,7 +347,7 @@ def make_evaluator(
 ) -> Callable[[nn.Module], dict[str, float]]:
     """``evaluate(model) -> {"task/metric": value}`` over every batch of ``loader``.
 
-    The metrics are `gradbalance.metrics.MultiTaskMetrics` for ``tasks`` (a model's
+    The metrics are `gradbalance.tasks.MultiTaskMetrics` for ``tasks`` (a model's
     ``tasks``: ``{name: TaskSpec}``), accumulated over the whole split. `fit` calls it in
     ``eval()`` mode under ``torch.no_grad()``.
 
@@ -373,63 +371,3 @@ def make_evaluator(
         return metrics.compute()
 
     return evaluate
-
-
-def _kpi(kind: str, pred: Tensor, target: Tensor) -> float:
-    pred = pred.detach()
-    if kind in ("classification", "segmentation"):
-        value = pixel_accuracy(pred, target)
-    elif kind == "depth":
-        if target.dim() == pred.dim() - 1:
-            target = target.unsqueeze(1)
-        valid = target != 0
-        p, t = pred[valid].abs().clamp_min(1e-12), target[valid].abs()
-        ratio = torch.maximum(p / t, t / p)
-        value = float((ratio < DEPTH_KPI_RATIO).double().mean()) if t.numel() else math.nan
-    elif kind == "normal":
-        angles = normal_angles(pred, target)
-        value = float((angles < NORMAL_KPI_DEGREES).double().mean()) if angles.numel() else math.nan
-    else:
-        raise ValueError(
-            f"no KPI in [0, 1] is defined for {kind!r} tasks; pass your own "
-            "kpi_fn(outputs, targets) -> {task: value in [0, 1]}"
-        )
-    # A batch without any valid label or pixel says nothing: report a neutral 0.5.
-    return 0.5 if math.isnan(value) else value
-
-
-def make_kpi_fn(tasks: Mapping[str, Any]) -> KpiFn:
-    """Per-batch KPIs in ``[0, 1]`` for DTP, chosen by each task's kind.
-
-    * classification: accuracy; segmentation: pixel accuracy (label ``-1`` ignored);
-    * depth: the fraction of valid pixels with ``max(d̂/d, d/d̂) < 1.25`` (the usual δ₁);
-    * normal: the fraction of valid pixels within 30° of the target.
-
-    A batch without any valid pixel reports 0.5. Regression tasks have no KPI: write your own.
-
-    Args:
-        tasks: ``{name: TaskSpec}`` (a model's ``tasks``) or ``{name: kind}``.
-
-    Returns:
-        ``kpi_fn(outputs, targets) -> {task: float}``; for models whose outputs are a
-        ``(final, initial)`` pair (PAD-Net's ``predict``) the final outputs are scored.
-
-    Examples:
-        >>> import torch
-        >>> kpi = make_kpi_fn({"digit": "classification"})
-        >>> kpi({"digit": torch.tensor([[2.0, 1.0], [0.0, 1.0]])}, {"digit": torch.tensor([0, 0])})
-        {'digit': 0.5}
-    """
-    kinds = {t: getattr(spec, "kind", spec) for t, spec in tasks.items()}
-    for t, kind in kinds.items():
-        if kind not in ("classification", "segmentation", "depth", "normal"):
-            raise ValueError(
-                f"task {t!r}: no KPI in [0, 1] is defined for {kind!r} tasks; pass your own "
-                "kpi_fn(outputs, targets) -> {task: value in [0, 1]}"
-            )
-
-    def kpi_fn(outputs: Any, targets: Mapping[str, Tensor]) -> dict[str, float]:
-        final = getattr(outputs, "final", outputs)
-        return {t: _kpi(kind, final[t], targets[t]) for t, kind in kinds.items()}
-
-    return kpi_fn

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gradbalance import losses
-from gradbalance.models import TaskSpec
+from gradbalance.tasks import TaskSpec
 
 
 def test_segmentation_loss_hand_computed():

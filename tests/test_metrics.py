@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gradbalance import metrics
-from gradbalance.models import NYUV2_TASKS, TaskSpec
+from gradbalance.models import NYUV2_TASKS
+from gradbalance.tasks import TaskSpec
 
 
 # ---------------------------------------------------------------- segmentation

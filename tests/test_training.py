@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import gradbalance as gb
-from gradbalance.models import TaskSpec
+from gradbalance.tasks import TaskSpec
 from gradbalance.training import History, TensorLoader, fit, make_evaluator, make_kpi_fn
 
 

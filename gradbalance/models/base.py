@@ -1,8 +1,9 @@
 """The common face of every model in the zoo: task specifications and `MultiTaskModel`.
 
-A model is built for an ordered set of tasks. Each task has a `TaskSpec`: its *kind*
-(which head, loss and metrics it uses) and its number of output channels (classes for
-segmentation and classification). `parse_tasks` accepts the convenient spellings listed
+A model is built for an ordered set of tasks. Each task has a `TaskSpec` (defined in
+`gradbalance.tasks`, which owns the kinds; re-exported here): its *kind* (which head, loss
+and metrics it uses) and its number of output channels (classes for segmentation and
+classification). `parse_tasks` accepts the convenient spellings listed
 there, so ``tasks={"segmentation": 13, "depth": 1, "normal": 3}`` works as well as explicit
 `TaskSpec` objects.
 
@@ -16,13 +17,13 @@ last shared layer (GradNorm's ``W``) and, where a hard-shared representation exi
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
 from torch import Tensor, nn
 
 from gradbalance.errors import GradBalanceError
+from gradbalance.tasks import DENSE_KINDS, KIND_TABLE, KINDS, TaskSpec
 
 __all__ = [
     "CITYSCAPES_TASKS",
@@ -38,75 +39,12 @@ __all__ = [
     "scaled",
 ]
 
-#: Every task kind a model head, loss and metric understands.
-KINDS = ("segmentation", "depth", "normal", "classification", "regression")
-#: The kinds predicted per pixel, shape ``(B, C, H, W)``; the others are per image ``(B, C)``.
-DENSE_KINDS = frozenset({"segmentation", "depth", "normal"})
-
 # Task names from which the kind is inferred (lower case, "-" and " " read as "_").
-_KIND_BY_NAME = {
-    "segmentation": "segmentation",
-    "seg": "segmentation",
-    "semantic": "segmentation",
-    "semseg": "segmentation",
-    "sem_seg": "segmentation",
-    "semantic_segmentation": "segmentation",
-    "depth": "depth",
-    "disparity": "depth",
-    "inverse_depth": "depth",
-    "normal": "normal",
-    "normals": "normal",
-    "surface_normal": "normal",
-    "surface_normals": "normal",
-    "classification": "classification",
-    "class": "classification",
-    "cls": "classification",
-    "regression": "regression",
-    "reg": "regression",
-}
+_KIND_BY_NAME = {name: kind for kind, row in KIND_TABLE.items() for name in (kind, *row.names)}
 # Output channels a kind has when none is given.
-_DEFAULT_CHANNELS = {"depth": 1, "normal": 3}
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """What a task predicts.
-
-    Attributes:
-        kind: one of `KINDS`: ``"segmentation"`` (per-pixel class logits),
-            ``"depth"`` (per-pixel value), ``"normal"`` (per-pixel unit vector, L2-normalised
-            over channels), ``"classification"`` (per-sample class logits) or ``"regression"``
-            (per-sample values).
-        channels: output channels: the number of classes for segmentation and classification
-            (at least 2), 1 for depth, 3 for surface normals.
-
-    Examples:
-        >>> TaskSpec("segmentation", 13)
-        TaskSpec(kind='segmentation', channels=13)
-        >>> TaskSpec("normal", 3).dense
-        True
-    """
-
-    kind: str
-    channels: int
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"task kind must be one of {KINDS}, got {self.kind!r}")
-        if isinstance(self.channels, bool) or not isinstance(self.channels, int):
-            raise TypeError(f"channels must be an int, got {type(self.channels).__name__}")
-        if self.channels < 1:
-            raise ValueError(f"channels must be at least 1, got {self.channels}")
-        if self.kind in ("segmentation", "classification") and self.channels < 2:
-            raise ValueError(
-                f"a {self.kind} task needs at least 2 classes, got {self.channels}; "
-                "write a binary task as 2 classes"
-            )
-
-    @property
-    def dense(self) -> bool:
-        """Whether the task is predicted per pixel."""
-        return self.kind in DENSE_KINDS
+_DEFAULT_CHANNELS = {
+    kind: row.channels for kind, row in KIND_TABLE.items() if row.channels is not None
+}
 
 
 TaskValue = TaskSpec | int | str | tuple | Mapping

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradbalance.models.base import TaskSpec
+from gradbalance.tasks import TaskSpec, lookup
 
 __all__ = ["ConvBNReLU", "TaskHead", "conv_layer", "resize"]
 
@@ -46,8 +46,9 @@ class TaskHead(nn.Module):
 
     Dense kinds (segmentation, depth, normal) use the MTAN reference prediction layer,
     ``Conv3×3(c -> c) -> Conv1×1(c -> out)``, optionally upsampled (bilinear) to ``size``;
-    surface normals are then L2-normalised over channels. Per-sample kinds (classification,
-    regression) use ``Conv3×3(c -> c) -> ReLU -> global average pool -> Linear(c -> out)``.
+    kinds whose `gradbalance.tasks.KIND_TABLE` row sets ``unit_vectors`` (surface normals) are
+    then L2-normalised over channels. Per-sample kinds (classification, regression) use
+    ``Conv3×3(c -> c) -> ReLU -> global average pool -> Linear(c -> out)``.
     Segmentation and classification heads return logits.
 
     Args:
@@ -65,6 +66,7 @@ class TaskHead(nn.Module):
     def __init__(self, spec: TaskSpec, in_channels: int) -> None:
         super().__init__()
         self.spec = spec
+        self.unit_vectors = lookup(spec).unit_vectors
         self.conv = nn.Conv2d(in_channels, in_channels, 3, padding=1)
         if spec.dense:
             self.out: nn.Module = nn.Conv2d(in_channels, spec.channels, 1)
@@ -76,7 +78,7 @@ class TaskHead(nn.Module):
             y = self.out(self.conv(x))
             if size is not None and tuple(y.shape[-2:]) != tuple(size):
                 y = F.interpolate(y, size=tuple(size), mode="bilinear", align_corners=False)
-            if self.spec.kind == "normal":
+            if self.unit_vectors:
                 y = F.normalize(y, p=2.0, dim=1)
             return y
         return self.out(F.relu(self.conv(x)).mean(dim=(2, 3)))

@@ -35,13 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradbalance.losses import task_loss
 from gradbalance.models.base import (
     NYUV2_TASKS,
     Member,
     MultiTaskModel,
     TasksLike,
-    TaskSpec,
     check_image,
     check_width,
     init_weights,
@@ -50,6 +48,7 @@ from gradbalance.models.base import (
 )
 from gradbalance.models.layers import ConvBNReLU
 from gradbalance.models.segnet import VGG16_DEPTHS, VGG16_WIDTHS, SegNetStage
+from gradbalance.tasks import TaskSpec, lookup, task_loss
 
 __all__ = ["PADNet", "PADNetOutput"]
 
@@ -64,7 +63,7 @@ class PADNetOutput(NamedTuple):
 def _finish(spec: TaskSpec, y: Tensor, size: tuple[int, int] | None) -> Tensor:
     if size is not None and tuple(y.shape[-2:]) != tuple(size):
         y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
-    if spec.kind == "normal":
+    if lookup(spec).unit_vectors:
         y = F.normalize(y, p=2.0, dim=1)
     return y
 
@@ -242,7 +241,7 @@ class PADNet(MultiTaskModel):
             outputs: what `predict` returned.
             targets: a target per task of `all_tasks`.
             loss_fn: ``(spec, prediction, target) -> loss``; default
-                `gradbalance.losses.task_loss`.
+                `gradbalance.tasks.task_loss`.
         """
         if loss_fn is None:
             loss_fn = task_loss

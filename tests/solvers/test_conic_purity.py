@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gradbalance.solvers import conic, nash_bargaining
+from gradbalance.solvers import nash, nash_bargaining
 
 pytest.importorskip("cvxpy")
 
@@ -18,7 +18,7 @@ def _gram(seed: int) -> torch.Tensor:
 
 def test_same_input_same_bits_whatever_was_solved_before():
     g = _gram(0)
-    conic._CCP_CACHE.clear()
+    nash._CCP_CACHE.clear()
     fresh = nash_bargaining(g, solver="cvxpy")
     for seed in (1, 2, 3):
         nash_bargaining(_gram(seed), solver="cvxpy")

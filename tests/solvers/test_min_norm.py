@@ -362,7 +362,7 @@ def test_single_small_problem_path_matches_batched_path(case):
 def test_small_path_answers_are_verified(monkeypatch, answer):
     import sys
 
-    module = sys.modules["gradbalance.solvers.min_norm"]
+    module = sys.modules["gradbalance.solvers.small"]
     j = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 3.0]], dtype=torch.float64)
     g = j @ j.T  # optimum: w proportional to 1 / G_ii = (36, 9, 4) / 49, not uniform
     expected = torch.tensor([36.0, 9.0, 4.0], dtype=torch.float64) / 49

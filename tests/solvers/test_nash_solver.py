@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gradbalance.errors import SolverError
-from gradbalance.solvers import conic, nash_bargaining
+from gradbalance.solvers import nash, nash_bargaining
 from tests.methods.jacobians import jacobians
 
 F64 = torch.float64
@@ -157,7 +157,7 @@ def test_rounding_floor_is_relative_to_the_terms():
     g = torch.tensor([[1.0, -0.5], [-0.5, 1.0]], dtype=F64)
     alpha = torch.tensor([2.0, 3.0], dtype=F64)
     # 4 K ε max_i Σ_j |α_i G_ij α_j| = 4 · 2 · ε · max(4 + 3, 3 + 9)
-    assert conic._nash_floor(g, alpha) == pytest.approx(4 * 2 * EPS * 12.0, rel=1e-12)
+    assert nash._nash_floor(g, alpha) == pytest.approx(4 * 2 * EPS * 12.0, rel=1e-12)
 
 
 def test_a_problem_beyond_float64_is_refused_not_certified():

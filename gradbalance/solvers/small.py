@@ -4,15 +4,23 @@
 step is a batched tensor operation, which costs a few microseconds of dispatch even on an 8 × 8
 problem, so a single Gramian of a handful of tasks (the common case in a training step) spends
 most of its time in dispatch. This module solves that case with Lawson and Hanson's active-set
-method on NumPy arrays (about a microsecond per operation). It is only a fast path: the caller
-verifies the duality gap of its answer and falls back to the batched solver when it does not
-meet the tolerance (or when a linear system is singular), so the guarantees do not change.
+method on NumPy arrays (about a microsecond per operation). It is only a fast path:
+`min_norm_small` verifies the KKT residual of its answer and returns ``None`` (the caller then
+uses the batched solver) when it does not meet the tolerance or when a linear system is
+singular, so the guarantees do not change.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from scipy.linalg.lapack import dgesv as _dgesv
+import torch
+from scipy.linalg.lapack import dgesv as _dgesv  # type: ignore[import-untyped]
+from torch import Tensor
+
+from gradbalance.solvers.jacobi import NORM_FLOOR
+from gradbalance.solvers.pivoting import RIDGE
+
+__all__ = ["SMALL_MAX_K", "min_norm_small", "solve_small"]
 
 #: Largest number of tasks the fast path takes (beyond it the batched solver is as fast).
 SMALL_MAX_K = 24
@@ -49,8 +57,8 @@ def solve_small(q: np.ndarray, b: np.ndarray, ridge: float, max_iter: int) -> np
     b^\top u$ for one symmetric ``q`` (float64, ``K ≥ 3``, diagonal of order 1) and ``b > 0``,
     or ``None`` when the method stalls.
 
-    `gradbalance.solvers.min_norm` passes its Jacobi-scaled problem
-    $q = \hat G + b b^\top$, $b_i = d_{\min} / d_i$ (see there). Lawson-Hanson's active-set
+    `min_norm_small` passes the Jacobi-scaled problem $q = \hat G + b b^\top$,
+    $b_i = d_{\min} / d_i$ (`gradbalance.solvers.jacobi`). Lawson-Hanson's active-set
     method (each passive set's equality-constrained solution, stepping back to feasibility when
     a component turns non-positive), warm-started by `_warm_start`.
     """
@@ -97,3 +105,40 @@ def _active_set(q0: np.ndarray, b: np.ndarray, ridge: float, max_iter: int) -> n
     if not u.sum() > 0:
         return None
     return u
+
+
+def min_norm_small(
+    G: Tensor, tol: float, return_gap: bool
+) -> Tensor | tuple[Tensor, Tensor] | None:
+    """The min-norm weights of one ``(K, K)`` Gramian on CPU (``3 <= K <= SMALL_MAX_K``), or
+    ``None`` to send the caller to the batched solver.
+
+    `solve_small` on the Jacobi-scaled problem (`gradbalance.solvers.jacobi`, here on NumPy
+    arrays), accepted only with a verified KKT residual of at most ``tol / 8``. With
+    ``return_gap``, also the duality gap (float64, units of ``G``).
+    """
+    k = G.shape[-1]
+    g = G.to(torch.float64).numpy()
+    g = 0.5 * (g + g.T)
+    scale = float(np.diagonal(g).max())
+    if not scale > 0:
+        return None  # a zero Gramian: the batched path returns the uniform weights
+    norms = np.sqrt(np.maximum(np.diagonal(g), 0.0))
+    d = np.maximum(norms, norms.max() * NORM_FLOOR)
+    b = d.min() / d
+    q = g / d[:, None] / d[None, :] + np.outer(b, b)
+    x = solve_small(q, b, RIDGE, 3 * k + 20)
+    if x is None:
+        return None
+    y = q @ x - b
+    res = float(np.max(np.where(x > 0, np.abs(y), np.maximum(-y, 0.0))) / (1 + x.max()))
+    if not res <= tol / 8:
+        return None
+    u = b * x
+    w = u / u.sum()
+    out = torch.from_numpy(w).to(G.dtype)
+    if return_gap:
+        gw = g @ w
+        gap = max(float(w @ gw - gw.min()), 0.0)
+        return out, torch.tensor(gap, dtype=torch.float64)
+    return out

@@ -13,7 +13,7 @@ import pytest
 
 import gradbalance as gb
 from gradbalance import cli
-from gradbalance.cli import main
+from gradbalance.cli import bench, main
 
 pytest.importorskip("mlxtend")
 
@@ -236,7 +236,7 @@ def test_bench_finds_the_checkout_folder():
     here = Path(__file__).resolve().parent.parent / "benchmarks"
     if not here.is_dir():  # pragma: no cover - tests run from a checkout
         pytest.skip("no benchmarks/ folder in this checkout")
-    assert cli._find_benchmarks(None) == here
+    assert bench.find_benchmarks(None) == here
 
 
 def test_entry_point_module_runs(tmp_path):

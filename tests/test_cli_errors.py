@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from gradbalance import cli
-from gradbalance.cli import main
+from gradbalance.cli import listing, main, recipes
 
 pytest.importorskip("mlxtend")
 
@@ -76,7 +76,7 @@ def test_cuda_without_cuda_is_found_before_loading_data(capsys, tmp_path, monkey
     def no_data(*args, **kwargs):  # pragma: no cover - the check must come first
         raise AssertionError("the data was loaded before --device was checked")
 
-    monkeypatch.setattr(cli, "_train_data", no_data)
+    monkeypatch.setattr(recipes, "train_data", no_data)
     argv = ["train", "--quick", "--out", str(tmp_path), "--device", "cuda:0"]
     assert "use --device cpu" in usage_error(argv, capsys, "--device")
 
@@ -220,7 +220,7 @@ def test_sigterm_stops_like_ctrl_c_and_restores_the_handler(monkeypatch, capsys)
 
     previous = signal.signal(signal.SIGTERM, before)
     try:
-        monkeypatch.setattr(cli, "_cmd_list", terminated)
+        monkeypatch.setattr(listing, "run", terminated)
         assert main(["list"]) == 128 + signal.SIGTERM
         assert signal.getsignal(signal.SIGTERM) is before
     finally:

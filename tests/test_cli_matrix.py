@@ -10,7 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gradbalance.cli import main
+import gradbalance as gb
+from gradbalance.cli import main, recipes
+from gradbalance.cli.errors import CommandError
 
 pytest.importorskip("mlxtend")
 
@@ -94,3 +96,37 @@ def test_broken_dataset_file_is_reported_without_traceback(tmp_path, capsys):
     # NYUv2 labels (13 classes) read as CityScapes (7 classes): a format error, exit 1
     status, _, err = train(tmp_path, capsys, "cityscapes", "split", "equal", "--root", str(root))
     assert status == 1 and "CityScapes" in err and "expected" in err
+
+
+#: What ``gradbalance train`` has always refused on a model whose tasks share no parameter: a
+#: method that requires any of these. It is wider than `Method.is_gradient_method` (Gramian,
+#: Jacobian, features): GradNorm weights the losses, yet reads the last shared layer's Gramian.
+SHARED_GRADIENT_NEEDS = {"gramian", "jacobian", "features", "last_shared_gramian"}
+
+
+@pytest.mark.parametrize("method", gb.methods.available())
+def test_what_train_does_with_each_method_on_a_model_that_shares_nothing(
+    tmp_path, capsys, monkeypatch, method
+):
+    """Pins, per registered method, the check `train` makes on SegNet (no shared parameter, no
+    shared features): methods that pass it stop at the balancer, which is stubbed out here."""
+
+    def balancer_reached(*args, **kwargs):
+        raise CommandError("the balancer was reached")
+
+    monkeypatch.setattr(recipes, "build_balancer", balancer_reached)
+    status, _, err = train(tmp_path, capsys, "synthetic", "segnet", method)
+    requires = gb.methods.get_class(method).requires
+    if "features" in requires:  # stopped one check earlier: SegNet has no shared features
+        assert status == 2 and "shared representation" in err
+    elif requires & SHARED_GRADIENT_NEEDS:
+        assert status == 2 and "shares none" in err
+    else:
+        assert status == 1 and "the balancer was reached" in err
+
+
+def test_gradnorm_is_refused_though_not_a_gradient_method(tmp_path, capsys):
+    """Where the command's rule and `Method.is_gradient_method` disagree (issue 13)."""
+    assert not gb.methods.get_class("gradnorm").is_gradient_method()
+    status, _, err = train(tmp_path, capsys, "synthetic", "segnet", "gradnorm")
+    assert status == 2 and "shares none" in err

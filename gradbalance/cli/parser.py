@@ -1,0 +1,172 @@
+"""The argument parser of the ``gradbalance`` command: one sub-parser per command.
+
+Each sub-parser stores the command's ``run(args) -> int`` as ``args.run`` (looked up on the
+command's module when the parser is built) and itself as ``args.subparser``, so a command can
+report a usage error with ``args.subparser.error(...)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from gradbalance import __version__, engine
+from gradbalance.cli import bench, demo, listing, options, recipes, train
+
+__all__ = ["build_parser"]
+
+
+def _threads_option(p: argparse.ArgumentParser, default: int | None = None) -> None:
+    if default is None:
+        text = "torch CPU threads (default: torch's choice, one per core); 1 avoids a large "
+        text += "slowdown when other jobs share the CPU"
+    else:
+        text = f"torch CPU threads (default {default}: the LeNet gains little from more, the "
+        text += "numbers do not depend on the core count, and a busy CPU does not stall it)"
+    p.add_argument("--threads", type=options.thread_count, default=default, help=text)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="compare balancing methods on MultiMNIST (the main job)",
+        description="Train the MultiMNIST LeNet of Sener & Koltun (2018) on real MNIST digits "
+        "with several balancing methods, print a results table (per-task test accuracy, Δm%% "
+        "against equal weighting, time per step) and write a PNG (accuracy curves, task-weight "
+        "trajectories) and CSV logs into --out. Fixed seeds: reruns give the same numbers.",
+    )
+    quick, full = demo.DEMO_QUICK_EPOCHS, demo.DEMO_EPOCHS
+    p.add_argument("--quick", action="store_true", help=f"{quick} epochs (seconds)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        type=options.method_name,
+        metavar="METHOD",
+        help=f"methods to compare (default: {' '.join(demo.DEMO_METHODS)}); `gradbalance list` "
+        "shows all",
+    )
+    p.add_argument(
+        "--epochs",
+        type=options.positive_int,
+        help=f"epochs per method (default {full}; {quick} with --quick)",
+    )
+    p.add_argument("--batch-size", type=options.positive_int, default=64, help="default 64")
+    p.add_argument(
+        "--lr", type=options.positive_float, default=1e-3, help="Adam's lr, default 1e-3"
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("gradbalance-demo"), help="default ./gradbalance-demo"
+    )
+    p.add_argument(
+        "--seed",
+        type=options.seed,
+        default=0,
+        help="data, initialisation and shuffle seed (0 to 2**64-1)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _threads_option(p, default=1)
+    p.set_defaults(run=demo.run, subparser=p)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train any model x method x dataset",
+        description="Train a registered model with a registered balancing method on a "
+        "dataset and report the test metrics. Defaults depend on the dataset: MultiMNIST "
+        "10 epochs, batch 64, Adam 1e-3; NYUv2 and CityScapes the MTAN paper's protocol "
+        "(200 epochs, batch 2 / 8, Adam 1e-4, StepLR(100, 0.5)); synthetic scenes 10 epochs, "
+        "batch 16, Adam 1e-3, width 1/4.",
+        epilog="Example: gradbalance train --data synthetic --model mtan --method dwa --quick",
+    )
+    p.add_argument(
+        "--data", choices=recipes.DATASETS, default="multimnist", help="default multimnist"
+    )
+    p.add_argument(
+        "--model",
+        type=options.model_name,
+        help="a registered model (default: multilenet for multimnist, split otherwise)",
+    )
+    p.add_argument(
+        "--method",
+        type=options.method_name,
+        default="equal",
+        help="a registered method (default equal)",
+    )
+    p.add_argument(
+        "--method-arg",
+        action="append",
+        type=options.key_value,
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the method, repeatable (e.g. --method-arg alpha=1.5)",
+    )
+    p.add_argument("--tasks", nargs="+", metavar="TASK", help="a subset of the dataset's tasks")
+    p.add_argument("--epochs", type=options.positive_int)
+    p.add_argument("--batch-size", type=options.positive_int)
+    p.add_argument("--lr", type=options.positive_float)
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    p.add_argument("--width", type=options.positive_float, help="the model's width multiplier")
+    p.add_argument(
+        "--engine",
+        choices=engine.STRATEGIES,
+        default="auto",
+        help="how per-task gradients are computed (gradient methods only)",
+    )
+    p.add_argument("--root", type=Path, help="dataset folder (NYUv2, CityScapes)")
+    p.add_argument("--augment", action="store_true", help="scale-crop-flip (NYUv2, CityScapes)")
+    p.add_argument(
+        "--device",
+        type=options.device,
+        default="cpu",
+        help="torch device (cpu, cuda, cuda:1, ...)",
+    )
+    p.add_argument("--quick", action="store_true", help="a few seconds: tiny data, 1 epoch")
+    p.add_argument("--out", type=Path, help="default ./gradbalance-runs/<data>-<model>-<method>")
+    p.add_argument("--seed", type=options.seed, default=0, help="0 to 2**64-1")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _threads_option(p)
+    p.set_defaults(run=train.run, subparser=p)
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="run the benchmark scripts of a source checkout",
+        description="Run the scripts in the repository's benchmarks/ folder (solver: the "
+        "min-norm solver against references; step: the cost of a balanced step). Arguments "
+        "after `--` go to the script, e.g. `gradbalance bench solver -- --ks 4 40`.",
+    )
+    p.add_argument(
+        "which", nargs="?", choices=(*bench.BENCHMARKS, "all"), default="all", help="default all"
+    )
+    p.add_argument("--quick", action="store_true", help="small problem sizes (seconds)")
+    p.add_argument(
+        "--dir",
+        type=Path,
+        help="the benchmarks folder (default: next to the package source, or ./benchmarks)",
+    )
+    p.set_defaults(run=bench.run, subparser=p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``gradbalance`` command."""
+    parser = argparse.ArgumentParser(
+        prog="gradbalance",
+        description="Gradient balancing for multi-task learning: demo, training, listings "
+        "and benchmarks.",
+        epilog="Start with `gradbalance demo --quick` (seconds) or `gradbalance demo` "
+        "(a few minutes on a laptop CPU). `gradbalance COMMAND --help` shows each command's "
+        "options.",
+    )
+    parser.add_argument("--version", action="version", version=f"gradbalance {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log every epoch's metrics (to stderr)"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_demo(sub)
+    _add_train(sub)
+    p = sub.add_parser("list", help="registered methods, models and datasets")
+    p.set_defaults(run=listing.run, subparser=p)
+    _add_bench(sub)
+    return parser

@@ -1,0 +1,151 @@
+"""What the commands print and write: text tables, CSV files, durations and the demo figure."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import shutil
+import sys
+import textwrap
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+__all__ = ["demo_figure", "fmt_time", "moving_average", "table", "write", "write_csv"]
+
+logger = logging.getLogger(__name__)
+
+
+def write(text: str = "", stream: TextIO | None = None) -> None:
+    """Print one line to ``stream`` (default: the current ``sys.stdout``)."""
+    (stream or sys.stdout).write(text + "\n")
+
+
+def fmt_time(seconds: float) -> str:
+    """``12.3 s`` under a minute, ``4 min 05 s`` above."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    return f"{int(seconds // 60)} min {seconds % 60:02.0f} s"
+
+
+def table(
+    headers: Sequence[str],
+    rows: Iterable[Sequence[str]],
+    right: Sequence[bool],
+    *,
+    wrap_last: bool = False,
+) -> str:
+    """A plain-text table; ``right`` right-aligns columns, ``wrap_last`` wraps the last column
+    to the terminal's width.
+
+    Examples:
+        >>> print(table(["name", "n"], [["a", "1"], ["bb", "22"]], [False, True]))
+        name   n
+        ----  --
+        a      1
+        bb    22
+    """
+    rows = [list(r) for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    if wrap_last:
+        columns = shutil.get_terminal_size((100, 24)).columns
+        room = columns - 1 - sum(w + 2 for w in widths[:-1])
+        widths[-1] = max(30, min(widths[-1], room))
+
+    def line(cells: Sequence[str]) -> list[str]:
+        last = textwrap.wrap(cells[-1], widths[-1]) if wrap_last else [cells[-1]]
+        first = [*cells[:-1], last[0] if last else ""]
+        out = [
+            "  ".join(
+                c.rjust(w) if r else c.ljust(w) for c, w, r in zip(first, widths, right)
+            ).rstrip()
+        ]
+        indent = " " * sum(w + 2 for w in widths[:-1])
+        out += [indent + more for more in last[1:]]
+        return out
+
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([*line(headers), sep, *(x for r in rows for x in line(r))])
+
+
+def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Write ``rows`` to ``path``; the columns are every key, in order of first appearance."""
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def moving_average(values: Sequence[float], window: int) -> list[float]:
+    """The mean of the last ``window`` values at each position (fewer at the start).
+
+    Examples:
+        >>> moving_average([1.0, 3.0, 5.0], 2)
+        [1.0, 2.0, 4.0]
+    """
+    if window <= 1:
+        return list(values)
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def demo_figure(runs: Sequence[Any], tasks: Sequence[str], path: Path) -> bool:
+    """Accuracy curves per task (top) and one panel of task weights per method (below).
+
+    ``runs`` are the demo's runs (``.method``, ``.history``, ``.steps_per_epoch``). Returns
+    whether the figure was written: ``False`` when matplotlib is not installed.
+    """
+    try:  # optional dependency (the ``examples`` extra): imported only when drawing
+        from matplotlib.figure import Figure
+    except ImportError:
+        logger.warning("matplotlib is not installed: no figure (pip install gradbalance[examples])")
+        return False
+    per_row = 3
+    weight_rows = math.ceil(len(runs) / per_row)
+    fig = Figure(figsize=(12, 3.4 * (1 + weight_rows)), layout="constrained")
+    grid = fig.add_gridspec(1 + weight_rows, 2 * per_row)
+    span = 2 * per_row // len(tasks)
+    for i, task in enumerate(tasks):
+        ax = fig.add_subplot(grid[0, i * span : (i + 1) * span])
+        for j, run in enumerate(runs):
+            epochs = [row["epoch"] + 1 for row in run.history.epochs]
+            acc = [100 * row[f"{task}/accuracy"] for row in run.history.epochs]
+            ax.plot(epochs, acc, color=f"C{j % 10}", label=run.method, marker=".")
+        ax.set_title(f"test accuracy: {task} digit")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+        if i == 0:
+            ax.legend(fontsize="small")
+    k = len(tasks)
+    for j, run in enumerate(runs):
+        ax = fig.add_subplot(grid[1 + j // per_row, 2 * (j % per_row) : 2 * (j % per_row) + 2])
+        steps = run.history.steps
+        x = [(row["step"] + 1) / run.steps_per_epoch for row in steps]
+        totals = [sum(row[f"weight/{t}"] for t in tasks) for row in steps]
+        window = max(1, len(steps) // 150)
+        for i, task in enumerate(tasks):
+            share = [
+                k * row[f"weight/{task}"] / tot if tot else math.nan
+                for row, tot in zip(steps, totals)
+            ]
+            ax.plot(x, moving_average(share, window), color=f"C{i}", lw=1.2, label=task)
+        ax.axhline(1.0, color="0.6", lw=0.8, ls=":")
+        note = f", mean of {window} steps" if window > 1 else ""
+        ax.set_title(f"{run.method}: task weights × K / Σw{note}", fontsize="medium")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if j == 0:
+            ax.legend(fontsize="small")
+    fig.suptitle("MultiMNIST: MultiLeNet with each balancing method")
+    fig.savefig(path, dpi=110)
+    return True

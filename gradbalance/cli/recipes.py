@@ -14,8 +14,8 @@ import torch
 from gradbalance import GradBalancer
 from gradbalance.cli.errors import CommandError
 from gradbalance.data import CityScapes, DatasetError, MultiMNIST, NYUv2, SyntheticScenes
-from gradbalance.losses import task_loss
 from gradbalance.models import CITYSCAPES_TASKS, NYUV2_TASKS, TaskSpec
+from gradbalance.tasks import lookup, task_loss
 
 __all__ = [
     "DATASETS",
@@ -105,21 +105,14 @@ def train_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Dat
 
 
 def loss_fns(tasks: Mapping[str, Any]) -> dict[str, Callable]:
-    """One loss function per task: `gradbalance.losses.task_loss` for its `TaskSpec`."""
+    """One loss function per task: `gradbalance.tasks.task_loss` for its `TaskSpec`."""
     return {t: functools.partial(task_loss, spec) for t, spec in tasks.items()}
 
 
 def default_method_kwargs(method: str, tasks: Mapping[str, Any]) -> dict[str, Any]:
     """Options the command line sets by default: uncertainty weighting's task types."""
     if method == "uncertainty":
-        return {
-            "task_types": {
-                t: "classification"
-                if spec.kind in ("classification", "segmentation")
-                else "regression"
-                for t, spec in tasks.items()
-            }
-        }
+        return {"task_types": {t: lookup(spec).uncertainty_type for t, spec in tasks.items()}}
     return {}
 
 

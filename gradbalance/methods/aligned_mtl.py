@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from gradbalance.methods._common import checked_gramian
 from gradbalance.methods.base import GRAMIAN, LOSSES, Method, StepInputs
-from gradbalance.methods.pcgrad import _gramian
 from gradbalance.methods.registry import register
 
 __all__ = ["AlignedMTL", "balance_transformation"]
@@ -113,7 +113,7 @@ class AlignedMTL(Method):
             self.pref = values
 
     def weights(self, inputs: StepInputs) -> Tensor:
-        g = _gramian(inputs, "Aligned-MTL")
+        g = checked_gramian(inputs, "Aligned-MTL")
         k = inputs.num_tasks
         if self.pref is None:
             p = torch.ones(k, dtype=g.dtype, device=g.device)

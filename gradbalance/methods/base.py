@@ -235,7 +235,7 @@ class Method(nn.Module):
         (GradDrop's sign masks, MoCo's tracked gradients) override it. Like `weights` it must
         not change the method's state: commit state in `update`.
         """
-        from gradbalance.engine import combine
+        from gradbalance._linalg import combine
 
         assert inputs.jacobian is not None
         return combine(inputs.jacobian, weights)
@@ -246,6 +246,23 @@ class Method(nn.Module):
 
     def update(self, inputs: StepInputs, weights: Tensor) -> None:
         """Commit the method's state change after the inner optimizer stepped (default: none)."""
+
+    def end_epoch(self) -> None:
+        """Hook: an epoch of training ended (``GradBalancer.end_epoch`` calls it).
+
+        For methods that work per epoch (DWA closes its epoch average here). Does nothing by
+        default.
+        """
+
+    def observe(self, losses: Any) -> bool:
+        """Hook: the task losses measured again after the step (``GradBalancer.observe``).
+
+        ``losses`` are the losses of the step's batch recomputed after ``opt.step()`` (a dict
+        task -> loss, a sequence in task order, or a tensor). For methods that learn from the
+        change of the losses (FAMO's exact mode). Returns whether the method's state changed:
+        ``False`` by default (the losses are ignored).
+        """
+        return False
 
     def param_group_options(self) -> Mapping[str, Any]:
         """Options of the param group that holds the method's learnable parameters.

@@ -6,8 +6,8 @@ import math
 
 from torch import Tensor
 
+from gradbalance.methods._common import checked_gramian
 from gradbalance.methods.base import GRAMIAN, LOSSES, Method, StepInputs
-from gradbalance.methods.pcgrad import _gramian
 from gradbalance.methods.registry import register
 from gradbalance.solvers.conic import cagrad_weights
 
@@ -96,7 +96,7 @@ class CAGrad(Method):
         self.rescale = int(rescale)
 
     def weights(self, inputs: StepInputs) -> Tensor:
-        g = _gramian(inputs, "CAGrad")
+        g = checked_gramian(inputs, "CAGrad")
         w = cagrad_weights(g, self.c)
         if self.rescale == 1:
             w = w / (1.0 + self.c**2)

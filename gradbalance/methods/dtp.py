@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from gradbalance.errors import MissingInputError, OptionError
+from gradbalance.methods._common import join_repr
 from gradbalance.methods._options import per_task
 from gradbalance.methods.base import KPIS, LOSSES, Method, StepInputs, as_float64
 from gradbalance.methods.registry import register
@@ -174,5 +175,4 @@ class DTP(Method):
 
     def extra_repr(self) -> str:
         parts = [f"gamma={self._gamma_spec!r}", f"alpha={self.alpha}", f"eps={self.eps}"]
-        base = super().extra_repr()
-        return ", ".join(([base] if base else []) + parts)
+        return join_repr(super().extra_repr(), *parts)

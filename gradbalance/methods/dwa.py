@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from gradbalance.errors import OptionError
+from gradbalance.methods._common import join_repr
 from gradbalance.methods.base import LOSSES, Method, StepInputs, as_float64
 from gradbalance.methods.registry import register
 
@@ -182,5 +183,4 @@ class DWA(Method):
         parts = [f"temperature={self.temperature}"]
         if self.window is not None:
             parts.append(f"window={self.window}")
-        base = super().extra_repr()
-        return ", ".join(([base] if base else []) + parts)
+        return join_repr(super().extra_repr(), *parts)

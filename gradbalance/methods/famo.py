@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from gradbalance.errors import LossError
+from gradbalance.methods._common import join_repr
 from gradbalance.methods._inner_optim import adam_direction, check_options
 from gradbalance.methods._options import finite_float, per_task
 from gradbalance.methods.base import LOSSES, Method, StepInputs, as_float64
@@ -292,5 +293,4 @@ class FAMO(Method):
         ]
         if any(self._min) or not isinstance(self._min_spec, (int, float)):
             parts.append(f"min_losses={self._min_spec!r}")
-        base = super().extra_repr()
-        return ", ".join(([base] if base else []) + parts)
+        return join_repr(super().extra_repr(), *parts)

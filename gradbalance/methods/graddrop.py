@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gradbalance.methods._common import Seeded, join_repr, step_torch_seed
 from gradbalance.methods._options import per_task
 from gradbalance.methods.base import GRAMIAN, JACOBIAN, LOSSES, StepInputs
 from gradbalance.methods.registry import register
-from gradbalance.methods.rlw import _Seeded, _step_torch_seed
 
 __all__ = ["GradDrop"]
 
@@ -25,7 +25,7 @@ def _leak(value: Any) -> float:
 
 
 @register
-class GradDrop(_Seeded):
+class GradDrop(Seeded):
     r"""Gradient Sign Dropout: at every coordinate keep only the positive or the negative parts.
 
     Chen, Ngiam, Huang, Luong, Kretzschmar, Chai & Anguelov, *Just Pick a Sign: Optimizing
@@ -146,7 +146,7 @@ class GradDrop(_Seeded):
                 "GradBalancer with shared=... (or features=...)"
             )
         generators: dict[torch.device, torch.Generator] = {}
-        seed = _step_torch_seed(self.seed, inputs.step)
+        seed = step_torch_seed(self.seed, inputs.step)
         out: list[Tensor | None] = []
         for i, row in enumerate(inputs.jacobian):
             if row is None:
@@ -201,5 +201,4 @@ class GradDrop(_Seeded):
         if self.sum_batch:
             parts.append("sum_batch=True")
         parts.append(f"seed={self.seed}")
-        base = super().extra_repr()
-        return ", ".join(([base] if base else []) + parts)
+        return join_repr(super().extra_repr(), *parts)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from gradbalance.errors import LossError, MissingInputError, OptionError
+from gradbalance.methods._common import join_repr
 from gradbalance.methods._inner_optim import adam_direction, check_options
 from gradbalance.methods.base import LAST_SHARED_GRAMIAN, LOSSES, Method, StepInputs, as_float64
 from gradbalance.methods.registry import register
@@ -266,5 +267,4 @@ class GradNorm(Method):
             f"lr={self.lr}",
             f"weight_optimizer={self.weight_optimizer!r}",
         ]
-        base = super().extra_repr()
-        return ", ".join(([base] if base else []) + parts)
+        return join_repr(super().extra_repr(), *parts)

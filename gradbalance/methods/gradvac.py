@@ -7,8 +7,8 @@ import math
 import torch
 from torch import Tensor
 
+from gradbalance.methods._common import SeededOrders, checked_gramian, join_repr
 from gradbalance.methods.base import GRAMIAN, LOSSES, StepInputs
-from gradbalance.methods.pcgrad import SeededOrders, _gramian
 from gradbalance.methods.registry import register
 
 __all__ = ["GradVac"]
@@ -163,7 +163,7 @@ class GradVac(SeededOrders):
     def _compute(self, inputs: StepInputs, commit: bool) -> tuple[Tensor, Tensor]:
         if not self.is_bound:
             raise RuntimeError("GradVac is not bound to tasks yet; call bind(tasks) first")
-        g = _gramian(inputs, "GradVac")
+        g = checked_gramian(inputs, "GradVac")
         orders = self.orders(inputs.num_tasks, commit=commit)
         return gradvac_coefficients(g, orders, self.targets, self.beta, self.eps)
 
@@ -176,5 +176,4 @@ class GradVac(SeededOrders):
         self.targets.copy_(targets)
 
     def extra_repr(self) -> str:
-        base = super().extra_repr()
-        return ", ".join(([base] if base else []) + [f"beta={self.beta}", f"eps={self.eps}"])
+        return join_repr(super().extra_repr(), f"beta={self.beta}", f"eps={self.eps}")

@@ -6,8 +6,8 @@ import torch
 from torch import Tensor
 
 from gradbalance.errors import SolverError
+from gradbalance.methods._common import checked_gramian
 from gradbalance.methods.base import GRAMIAN, LOSSES, Method, StepInputs
-from gradbalance.methods.pcgrad import _gramian
 from gradbalance.methods.registry import register
 
 __all__ = ["IMTLG"]
@@ -81,7 +81,7 @@ class IMTLG(Method):
     non_conflicting = False
 
     def weights(self, inputs: StepInputs) -> Tensor:
-        g = _gramian(inputs, "IMTL-G")
+        g = checked_gramian(inputs, "IMTL-G")
         norms = g.diagonal().clamp_min(0.0).sqrt()
         top = norms.max()
         if not bool(top > 0):

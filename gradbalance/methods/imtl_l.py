@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gradbalance.methods._common import join_repr
 from gradbalance.methods._options import check_group_options, finite_float, group_options, per_task
 from gradbalance.methods.base import LOSSES, Method, StepInputs
 from gradbalance.methods.registry import register
@@ -133,5 +134,4 @@ class IMTLL(Method):
             parts.append(f"lr={self._lr}")
         if self._weight_decay:
             parts.append(f"weight_decay={self._weight_decay}")
-        base = super().extra_repr()
-        return ", ".join(([base] if base else []) + parts)
+        return join_repr(super().extra_repr(), *parts)

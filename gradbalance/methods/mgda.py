@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from gradbalance.errors import OptionError
+from gradbalance.methods._common import require_gramian
 from gradbalance.methods.base import FEATURES, GRAMIAN, LOSSES, Method, StepInputs
 from gradbalance.methods.registry import register
 from gradbalance.solvers import min_norm
@@ -39,14 +40,12 @@ class _MinNorm(Method):
         self.tol = tol
 
     def weights(self, inputs: StepInputs) -> Tensor:
-        g = inputs.gramian
-        assert g is not None
+        g = require_gramian(inputs, self.name.upper())
         n = _normalisers(g, inputs.losses.to(g), self.normalization)
         # a task whose gradient (or loss) is exactly zero keeps divisor 1: its row is zero
         n = torch.where(n > 0, n, torch.ones_like(n))
         scaled = g / (n[:, None] * n[None, :])
-        kwargs = {} if self.tol is None else {"tol": self.tol}
-        alpha = min_norm(scaled, **kwargs)
+        alpha = min_norm(scaled) if self.tol is None else min_norm(scaled, tol=self.tol)
         return alpha / n
 
     def extra_repr(self) -> str:

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from gradbalance.errors import OptionError, OptionTypeError
+from gradbalance.methods._common import join_repr
 from gradbalance.methods.base import GRAMIAN, JACOBIAN, LOSSES, Method, StepInputs
 from gradbalance.methods.registry import register
 from gradbalance.solvers import project_simplex
@@ -181,6 +182,7 @@ class MoCo(Method):
         """$L_i / (\\|g_i\\| + 10^{-8})$ when ``normalize``, else ``None`` (pure)."""
         if not self.normalize:
             return None
+        squared: Tensor | int  # 0 when no task reaches a shared tensor
         if inputs.gramian is not None:
             squared = inputs.gramian.diagonal()
         else:
@@ -283,5 +285,4 @@ class MoCo(Method):
         ]
         if self.normalize:
             parts.append("normalize=True")
-        base = super().extra_repr()
-        return ", ".join(([base] if base else []) + parts)
+        return join_repr(super().extra_repr(), *parts)

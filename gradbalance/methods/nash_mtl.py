@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 from gradbalance.errors import SolverError
+from gradbalance.methods._common import checked_gramian
 from gradbalance.methods.base import GRAMIAN, LOSSES, Method, StepInputs
-from gradbalance.methods.pcgrad import _gramian
 from gradbalance.methods.registry import register
 from gradbalance.solvers.conic import CVXPY_SOLVERS, nash_bargaining
 
@@ -168,7 +168,7 @@ class NashMTL(Method):
     def weights(self, inputs: StepInputs) -> Tensor:
         if not self.is_bound:
             raise RuntimeError("NashMTL is not bound to tasks yet; call bind(tasks) first")
-        g = _gramian(inputs, "Nash-MTL")
+        g = checked_gramian(inputs, "Nash-MTL")
         have = bool(self.has_alpha)
         previous = self.alpha.to(g.device)
         if have and inputs.step % self.update_weights_every != 0:

@@ -2,72 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from gradbalance.errors import MissingInputError
-from gradbalance.methods.base import GRAMIAN, LOSSES, Method, StepInputs
+# SeededOrders stays importable from here (it moved to _common)
+from gradbalance.methods._common import SeededOrders, checked_gramian
+from gradbalance.methods.base import GRAMIAN, LOSSES, StepInputs
 from gradbalance.methods.registry import register
 
 __all__ = ["PCGrad"]
-
-
-def _gramian(inputs: StepInputs, name: str) -> Tensor:
-    g = inputs.gramian
-    if g is None:
-        raise MissingInputError(
-            f"{name} needs the Gramian of the task gradients (StepInputs.gramian); use it "
-            "through GradBalancer with shared=... or pass gramian= to StepInputs"
-        )
-    k = inputs.num_tasks
-    if g.shape != (k, k):
-        raise ValueError(f"{name}: got a Gramian of shape {tuple(g.shape)} for {k} tasks")
-    g = g.detach().to(torch.float64)
-    return 0.5 * (g + g.mT)
-
-
-class SeededOrders(Method):
-    """A method that visits the other tasks in a random order drawn from its own generator.
-
-    The generator's state is part of the method's ``extra_state``, so ``state_dict`` /
-    ``load_state_dict`` resume the same sequence of orders. `weights` draws from a copy of
-    the generator (it must not change state); `update` draws the same orders from the
-    generator itself, which advances it: a skipped step draws again the orders it did not use.
-    """
-
-    def __init__(self, seed: int | None = None) -> None:
-        super().__init__()
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"seed must be an int or None, got {seed!r}")
-        self.seed = int(torch.initial_seed()) if seed is None else seed
-        self._generator = torch.Generator(device="cpu")
-        self._generator.manual_seed(self.seed)
-
-    def orders(self, k: int, *, commit: bool = False) -> Tensor:
-        """``(K, K)`` long tensor: row ``i`` is a random permutation of the task indices (task
-        ``i`` itself is skipped when visited). Advances the generator only when ``commit``."""
-        gen = self._generator
-        if not commit:
-            gen = torch.Generator(device="cpu")
-            gen.set_state(self._generator.get_state())
-        return torch.rand(k, k, generator=gen, dtype=torch.float64).argsort(dim=1)
-
-    def extra_repr(self) -> str:
-        base = super().extra_repr()
-        return ", ".join(([base] if base else []) + [f"seed={self.seed}"])
-
-    def get_extra_state(self) -> dict[str, Any]:
-        state = super().get_extra_state()
-        state["rng_state"] = self._generator.get_state()
-        return state
-
-    def set_extra_state(self, state: Any) -> None:
-        super().set_extra_state(state)
-        if isinstance(state, Mapping) and state.get("rng_state") is not None:
-            self._generator.set_state(state["rng_state"])
 
 
 def pcgrad_coefficients(gramian: Tensor, orders: Tensor) -> Tensor:
@@ -154,7 +97,7 @@ class PCGrad(SeededOrders):
     non_conflicting = False
 
     def weights(self, inputs: StepInputs) -> Tensor:
-        g = _gramian(inputs, "PCGrad")
+        g = checked_gramian(inputs, "PCGrad")
         coef = pcgrad_coefficients(g, self.orders(inputs.num_tasks))
         return coef.sum(0)
 

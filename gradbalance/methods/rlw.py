@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from gradbalance.methods.base import LOSSES, Method, StepInputs
+from gradbalance.methods._common import Seeded, join_repr, step_rng
+from gradbalance.methods.base import LOSSES, StepInputs
 from gradbalance.methods.registry import register
 
 __all__ = ["RLW"]
@@ -18,53 +17,8 @@ __all__ = ["RLW"]
 _DISTRIBUTIONS = ("normal", "uniform", "dirichlet")
 
 
-def _check_seed(seed: Any) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or int(seed) < 0:
-        raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
-    return int(seed)
-
-
-def _draw_seed() -> int:
-    """A seed drawn from torch's global generator, so ``torch.manual_seed`` makes it repeatable."""
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64))
-
-
-def _step_rng(seed: int, step: int) -> np.random.Generator:
-    """The random stream of step ``step``: a pure function of ``(seed, step)``.
-
-    Counter-based seeding (``numpy.random.SeedSequence([seed, step])``) makes the draws of a step
-    independent of how many draws earlier steps made, so computing the weights twice, skipping
-    a step or resuming from a checkpoint all give the same numbers.
-    """
-    return np.random.default_rng(np.random.SeedSequence([seed, int(step)]))
-
-
-def _step_torch_seed(seed: int, step: int) -> int:
-    """A 64-bit seed for a ``torch.Generator`` of step ``step`` (pure function of both)."""
-    state = np.random.SeedSequence([seed, int(step)]).generate_state(1, dtype=np.uint64)
-    return int(state[0])
-
-
-class _Seeded(Method):
-    """A method whose randomness is a pure function of ``(seed, inputs.step)``."""
-
-    def __init__(self, seed: int | None = None) -> None:
-        super().__init__()
-        self.seed = _draw_seed() if seed is None else _check_seed(seed)
-
-    def get_extra_state(self) -> dict[str, Any]:
-        state = super().get_extra_state()
-        state["seed"] = self.seed
-        return state
-
-    def set_extra_state(self, state: Any) -> None:
-        super().set_extra_state(state)
-        if isinstance(state, Mapping) and state.get("seed") is not None:
-            self.seed = _check_seed(state["seed"])
-
-
 @register
-class RLW(_Seeded):
+class RLW(Seeded):
     r"""Random Loss Weighting: sample new loss weights from a fixed distribution at every step.
 
     Lin, Ye, Zhang & Tsang, *Reasonable Effectiveness of Random Weighting: A Litmus Test for
@@ -138,7 +92,7 @@ class RLW(_Seeded):
 
     def sample(self, num_tasks: int, step: int) -> Tensor:
         """The weights of step ``step`` for ``num_tasks`` tasks (float64, summing to 1)."""
-        rng = _step_rng(self.seed, step)
+        rng = step_rng(self.seed, step)
         if self.distribution == "dirichlet":
             return torch.from_numpy(rng.dirichlet(np.full(num_tasks, self.concentration)))
         if self.distribution == "normal":
@@ -155,5 +109,4 @@ class RLW(_Seeded):
         if self.distribution == "dirichlet":
             parts.append(f"concentration={self.concentration}")
         parts.append(f"seed={self.seed}")
-        base = super().extra_repr()
-        return ", ".join(([base] if base else []) + parts)
+        return join_repr(super().extra_repr(), *parts)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from gradbalance.errors import OptionError
+from gradbalance.methods._common import join_repr
 from gradbalance.methods._options import check_group_options, finite_float, group_options, per_task
 from gradbalance.methods.base import LOSSES, Method, StepInputs
 from gradbalance.methods.registry import register
@@ -135,6 +136,8 @@ class Uncertainty(Method):
         coefficients = torch.tensor([_TASK_TYPES[t] for t in types], dtype=torch.float64)
         self.register_buffer("_coefficient_buffer", coefficients, persistent=False)
 
+    _coefficient_buffer: Tensor
+
     def _coefficients(self) -> Tensor:
         return self._coefficient_buffer.to(self.log_vars.device)
 
@@ -179,5 +182,4 @@ class Uncertainty(Method):
             parts.append(f"lr={self._lr}")
         if self._weight_decay:
             parts.append(f"weight_decay={self._weight_decay}")
-        base = super().extra_repr()
-        return ", ".join(([base] if base else []) + parts)
+        return join_repr(super().extra_repr(), *parts)

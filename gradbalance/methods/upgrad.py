@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from gradbalance.methods._common import checked_gramian
 from gradbalance.methods.base import GRAMIAN, LOSSES, Method, StepInputs
-from gradbalance.methods.pcgrad import _gramian
 from gradbalance.methods.registry import register
 from gradbalance.solvers import nonneg_qp
 
@@ -101,7 +101,7 @@ class UPGrad(Method):
         self.tol = float(tol)
 
     def weights(self, inputs: StepInputs) -> Tensor:
-        g = _gramian(inputs, "UPGrad")
+        g = checked_gramian(inputs, "UPGrad")
         k = inputs.num_tasks
         if self.pref is None:
             p = torch.full((k,), 1.0 / k, dtype=g.dtype, device=g.device)

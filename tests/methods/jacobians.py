@@ -1,12 +1,8 @@
 """Hand-built Jacobians (rows = task gradients), hypothesis strategies and end-to-end helpers
 shared by the tests of the Gramian methods (PCGrad, CAGrad, Nash-MTL, IMTL-G, Aligned-MTL,
-UPGrad, GradVac)."""
+UPGrad, GradVac). The resume check is `tests.methods.resume.check_resume`."""
 
 from __future__ import annotations
-
-import copy
-import io
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -177,36 +173,3 @@ def run(opt: gb.GradBalancer, model: MultiHeadNet, steps: range) -> list[torch.T
         out.append(opt.backward(model.losses(x, y)).clone())
         opt.step()
     return out
-
-
-def roundtrip(state):
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
-def check_resume(make_method: Callable[[int], Method], steps: int = 6, split: int = 3) -> None:
-    """Train ``steps`` steps in one go, and ``split`` steps + save + load into a fresh model and
-    balancer + the rest: identical weights and parameters. ``make_method(seed)`` builds the
-    method; the fresh one gets another seed, so only the loaded state can make them agree."""
-    model = make_net()
-    opt = make_balancer(model, make_method(0))
-    straight = run(opt, model, range(steps))
-    final = [p.detach().clone() for p in model.parameters()]
-
-    model = make_net()
-    opt = make_balancer(model, make_method(0))
-    first = run(opt, model, range(split))
-    saved_model = copy.deepcopy(model.state_dict())
-    saved_opt = roundtrip(opt.state_dict())
-
-    fresh_model = make_net(seed=123)
-    fresh_model.load_state_dict(saved_model)
-    fresh = make_balancer(fresh_model, make_method(1))
-    fresh.load_state_dict(saved_opt)
-    rest = run(fresh, fresh_model, range(split, steps))
-    for a, b in zip(straight, first + rest):
-        assert torch.equal(a, b), (a, b)
-    for a, b in zip(final, fresh_model.parameters()):
-        assert torch.equal(a, b.detach())

@@ -3,7 +3,6 @@ missing or bad KPIs raise, checkpoints, skipped and failed steps."""
 
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
@@ -13,7 +12,8 @@ from hypothesis import strategies as st
 
 import gradbalance as gb
 from gradbalance.methods import DTP, StepInputs
-from tests.conftest import MultiHeadNet, clone
+from tests.conftest import MultiHeadNet
+from tests.methods.resume import check_resume, method_state, same_state, train_step
 
 TASKS = ("t0", "t1", "t2")
 
@@ -151,14 +151,6 @@ def test_per_task_gamma_must_name_every_task():
 
 
 # ---------------------------------------------------------------------------- state
-def method_state(method):
-    return {k: v.clone() for k, v in method.state_dict().items() if torch.is_tensor(v)}
-
-
-def same_state(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
 @pytest.mark.parametrize("policy", ["skip", "raise"])
 def test_skipped_or_failed_step_leaves_state_untouched(policy):
     model = MultiHeadNet("mlp")
@@ -179,26 +171,14 @@ def test_skipped_or_failed_step_leaves_state_untouched(policy):
 
 
 def test_save_and_resume_bit_identically():
-    base = MultiHeadNet("mlp")
-    straight = clone(base)
-    opt = make_opt(straight, gamma=[0.5, 1.0, 2.0], alpha=0.3)
-    train(straight, opt, 0, 6)
+    def step(opt, model, t):
+        return train_step(opt, model, t, batch=8, kpis=[0.9, 0.5 + 0.01 * t, 0.2])
 
-    first = clone(base)
-    opt1 = make_opt(first, gamma=[0.5, 1.0, 2.0], alpha=0.3)
-    train(first, opt1, 0, 3)
-    buf = io.BytesIO()
-    torch.save({"model": first.state_dict(), "opt": opt1.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    resumed = MultiHeadNet("mlp", seed=2)
-    resumed.load_state_dict(ckpt["model"])
-    opt2 = make_opt(resumed, gamma=[0.5, 1.0, 2.0], alpha=0.3)
-    opt2.load_state_dict(ckpt["opt"])
-    train(resumed, opt2, 3, 3)
-    for a, b in zip(straight.parameters(), resumed.parameters()):
-        assert torch.equal(a, b)
-    assert same_state(method_state(opt.method), method_state(opt2.method))
+    check_resume(
+        lambda model, seed: make_opt(model, gamma=[0.5, 1.0, 2.0], alpha=0.3),
+        make_model=lambda seed: MultiHeadNet("mlp", seed=seed),
+        step=step,
+    )
 
 
 def test_registry_and_repr():

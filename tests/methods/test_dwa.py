@@ -3,7 +3,6 @@ constant within an epoch; windows; checkpoints; skipped and failed steps."""
 
 from __future__ import annotations
 
-import io
 import math
 import warnings
 
@@ -13,7 +12,8 @@ import torch
 
 import gradbalance as gb
 from gradbalance.methods import DWA
-from tests.conftest import MultiHeadNet, clone
+from tests.conftest import MultiHeadNet
+from tests.methods.resume import check_resume, method_state, same_state, train_step
 
 # scripted per-step losses of 3 tasks: SCRIPT[epoch][step] = (L_0, L_1, L_2)
 SCRIPT = [
@@ -117,14 +117,6 @@ def test_skipped_step_does_not_count_in_the_epoch_average():
 
 
 # ---------------------------------------------------------------------------- state
-def method_state(method):
-    return {k: v.clone() for k, v in method.state_dict().items() if torch.is_tensor(v)}
-
-
-def same_state(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
 @pytest.mark.parametrize("policy", ["skip", "raise"])
 def test_skipped_or_failed_step_leaves_state_untouched(policy):
     theta, opt = scripted_balancer(nonfinite=policy)
@@ -144,22 +136,11 @@ def test_skipped_or_failed_step_leaves_state_untouched(policy):
     assert same_state(before, method_state(opt.method))
 
 
-def train(model, opt, start, steps, epoch_every=2):
-    for t in range(start, start + steps):
-        x, y = model.inputs(seed=t)
-        opt.zero_grad()
-        opt.backward(model.losses(x, y))
-        opt.step()
-        if (t + 1) % epoch_every == 0:
-            opt.end_epoch()
-
-
 @pytest.mark.parametrize("window", [None, 3])
 def test_save_and_resume_bit_identically(window):
     """Saved in the middle of an epoch (partial sums) after the weights left 1."""
-    base = MultiHeadNet("mlp")
 
-    def make(model):
+    def make(model, seed):
         return gb.GradBalancer(
             torch.optim.Adam(model.parameters(), lr=1e-2),
             method="dwa",
@@ -167,27 +148,17 @@ def test_save_and_resume_bit_identically(window):
             shared=model.trunk,
         )
 
-    straight = clone(base)
-    opt = make(straight)
-    train(straight, opt, 0, 11)
+    def step(opt, model, t):
+        weights = train_step(opt, model, t, batch=8)
+        if (t + 1) % 2 == 0:
+            opt.end_epoch()
+        return weights
 
-    first = clone(base)
-    opt1 = make(first)
-    train(first, opt1, 0, 7)
-    assert int(opt1.method.epoch_steps) == 1
-    buf = io.BytesIO()
-    torch.save({"model": first.state_dict(), "opt": opt1.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    resumed = MultiHeadNet("mlp", seed=3)
-    resumed.load_state_dict(ckpt["model"])
-    opt2 = make(resumed)
-    opt2.load_state_dict(ckpt["opt"])
-    train(resumed, opt2, 7, 4)
-    for a, b in zip(straight.parameters(), resumed.parameters()):
-        assert torch.equal(a, b)
-    assert same_state(method_state(opt.method), method_state(opt2.method))
-    assert not torch.equal(opt2.last_weights, torch.ones(3))
+    run = check_resume(
+        make, steps=11, split=7, make_model=lambda seed: MultiHeadNet("mlp", seed=seed), step=step
+    )
+    assert int(run.split_state["epoch_steps"]) == 1
+    assert not torch.equal(run.resumed.last_weights, torch.ones(3))
 
 
 # ---------------------------------------------------------------------------- errors

@@ -3,7 +3,6 @@ official code's Adam against torch.optim.Adam, both post-step modes, checkpoints
 
 from __future__ import annotations
 
-import io
 import itertools
 import math
 
@@ -14,6 +13,7 @@ import gradbalance as gb
 from gradbalance.methods import StepInputs
 from gradbalance.methods.famo import FAMO
 from tests.conftest import MultiHeadNet, clone
+from tests.methods.resume import check_resume, train_step
 
 F64 = torch.float64
 
@@ -155,30 +155,35 @@ def test_balancer_gradient_is_that_of_the_weighted_losses_and_exact_mode_runs():
 
 @pytest.mark.parametrize("exact", [False, True])
 def test_checkpoint_resumes_identically(exact):
-    model = MultiHeadNet("mlp")
-    opt = make_opt(model)
+    def step(opt, model, t):
+        weights = train_step(opt, model, t, batch=8)
+        if exact:
+            x, y = model.inputs(seed=t)
+            with torch.no_grad():
+                opt.method.observe(model.losses(x, y))
+        return weights
 
-    def train(m, o, seeds):
-        for seed in seeds:
-            x, y = m.inputs(seed=seed)
-            o.zero_grad()
-            o.backward(m.losses(x, y))
-            o.step()
-            if exact:
-                with torch.no_grad():
-                    o.method.observe(m.losses(x, y))
+    run = check_resume(
+        lambda model, seed: make_opt(model),
+        steps=5,
+        make_model=lambda seed: MultiHeadNet("mlp", seed=seed),
+        step=step,
+    )
+    assert torch.equal(run.reference.method.logits, run.resumed.method.logits)
 
-    train(model, opt, range(3))
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
-    twin = MultiHeadNet("mlp", seed=4)
-    twin.load_state_dict(saved["model"])
-    twin_opt = make_opt(twin)
-    twin_opt.load_state_dict(saved["opt"])
-    train(model, opt, (3, 4))
-    train(twin, twin_opt, (3, 4))
-    for a, b in zip(model.parameters(), twin.parameters()):
-        assert torch.equal(a, b)
-    assert torch.equal(opt.method.logits, twin_opt.method.logits)
+
+def test_balancer_observe_forwards_to_the_method():
+    models = [MultiHeadNet("mlp"), MultiHeadNet("mlp")]
+    opts = [make_opt(m) for m in models]
+    x, y = models[0].inputs(seed=1)
+    for i, (model, opt) in enumerate(zip(models, opts)):
+        train_step(opt, model, 1, batch=8)
+        with torch.no_grad():
+            after = model.losses(x, y)
+        if i == 0:
+            opt.observe(after)
+        else:
+            assert opt.method.observe(after)
+    assert not bool(opts[0].method.has_prev)
+    assert torch.equal(opts[0].method.logits, opts[1].method.logits)
+    assert not torch.equal(opts[0].method.logits, torch.zeros(3, dtype=F64))

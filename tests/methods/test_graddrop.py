@@ -12,9 +12,11 @@ from hypothesis import strategies as st
 
 import gradbalance as gb
 from gradbalance.methods import StepInputs
+from gradbalance.methods._common import step_torch_seed
 from gradbalance.methods.graddrop import GradDrop
-from gradbalance.methods.rlw import _step_torch_seed
 from tests.conftest import MultiHeadNet, clone
+from tests.methods.jacobians import make_balancer
+from tests.methods.resume import check_resume
 
 
 def make(k: int = 2, **kw) -> GradDrop:
@@ -39,7 +41,7 @@ def combine(m: GradDrop, step_inputs: StepInputs) -> list[torch.Tensor]:
 
 def reference(rows, seed, step, leak=None):
     """Algorithm 1 written out: P, one U per coordinate (the method's stream), masks, sum."""
-    gen = torch.Generator().manual_seed(_step_torch_seed(seed, step))
+    gen = torch.Generator().manual_seed(step_torch_seed(seed, step))
     out = []
     for g in rows:
         k = g.shape[0]
@@ -218,6 +220,10 @@ def test_balancer_on_the_features_with_batch_sums():
     for p, e in zip(model.trunk.parameters(), expected):
         torch.testing.assert_close(p.grad, e)
     opt.step()
+
+
+def test_checkpoint_resumes_identically():
+    check_resume(lambda model, seed: make_balancer(model, GradDrop(seed=seed)))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -3,7 +3,6 @@ regression balances the weighted gradient norms, checkpoints, skipped and failed
 
 from __future__ import annotations
 
-import io
 import statistics
 
 import pytest
@@ -13,6 +12,7 @@ from torch import nn
 import gradbalance as gb
 from gradbalance.methods import GradNorm, StepInputs
 from tests.conftest import MultiHeadNet, clone
+from tests.methods.resume import check_resume, method_state, same_state
 
 
 def make_net(seed=0):
@@ -272,39 +272,13 @@ def train(model, opt, start, steps):
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_save_and_resume_bit_identically(optimizer):
-    base = make_net()
-    straight = clone(base)
-    opt = make_opt(straight, "gradnorm", alpha=1.5, lr=0.05, weight_optimizer=optimizer)
-    train(straight, opt, 0, 6)
-
-    first = clone(base)
-    opt1 = make_opt(first, "gradnorm", alpha=1.5, lr=0.05, weight_optimizer=optimizer)
-    train(first, opt1, 0, 3)
-    buf = io.BytesIO()
-    torch.save({"model": first.state_dict(), "opt": opt1.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    resumed = make_net(seed=7)
-    resumed.load_state_dict(ckpt["model"])
-    opt2 = make_opt(resumed, "gradnorm", alpha=1.5, lr=0.05, weight_optimizer=optimizer)
-    opt2.load_state_dict(ckpt["opt"])
-    train(resumed, opt2, 3, 3)
-    for a, b in zip(straight.parameters(), resumed.parameters()):
-        assert torch.equal(a, b)
-    sa, sb = opt.method.state_dict(), opt2.method.state_dict()
-    assert sa.keys() == sb.keys()
-    for key in sa:
-        if isinstance(sa[key], torch.Tensor):
-            assert torch.equal(sa[key], sb[key]), key
-    assert int(opt2.method.weight_steps) == (6 if optimizer == "adam" else 0)
-
-
-def method_state(method):
-    return {k: v.clone() for k, v in method.state_dict().items() if isinstance(v, torch.Tensor)}
-
-
-def same_state(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    run = check_resume(
+        lambda model, seed: make_opt(
+            model, "gradnorm", alpha=1.5, lr=0.05, weight_optimizer=optimizer
+        ),
+        make_model=make_net,
+    )
+    assert int(run.resumed.method.weight_steps) == (6 if optimizer == "adam" else 0)
 
 
 @pytest.mark.parametrize("policy", ["skip", "raise"])

@@ -18,7 +18,6 @@ from tests.methods.jacobians import (
     THREE_CONFLICT,
     TWO_CONFLICT,
     batch,
-    check_resume,
     check_training_step,
     jac,
     jacobians,
@@ -30,6 +29,7 @@ from tests.methods.jacobians import (
     update_of,
     weights_of,
 )
+from tests.methods.resume import check_resume
 
 
 def reference(J, orders, targets, beta):
@@ -185,4 +185,4 @@ def test_state_dict_resume_is_exact():
     a = run(make_balancer(model := make_net(), GradVac(seed=0)), model, range(6))
     b = run(make_balancer(model := make_net(), GradVac(seed=1)), model, range(6))
     assert any(not torch.equal(x, y) for x, y in zip(a, b))
-    check_resume(lambda seed: GradVac(beta=0.3, seed=seed))
+    check_resume(lambda model, seed: make_balancer(model, GradVac(beta=0.3, seed=seed)))

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-import io
 import math
+from functools import partial
 
 import torch
 
@@ -12,6 +12,7 @@ import gradbalance as gb
 from gradbalance.methods import StepInputs
 from gradbalance.methods.imtl_l import IMTLL
 from tests.conftest import MultiHeadNet, clone
+from tests.methods.resume import check_resume, train_step
 
 TASKS = ["t0", "t1", "t2"]
 
@@ -70,27 +71,10 @@ def test_scales_converge_to_the_inverse_losses():
 
 
 def test_checkpoint_resumes_identically():
-    model = MultiHeadNet("mlp")
-    opt = make_opt(model, inner=torch.optim.Adam(model.parameters(), lr=1e-2))
-
-    def train(m, o, seeds):
-        for seed in seeds:
-            x, y = m.inputs(seed=seed)
-            o.zero_grad()
-            o.backward(m.losses(x, y))
-            o.step()
-
-    train(model, opt, range(3))
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
-    twin = MultiHeadNet("mlp", seed=3)
-    twin.load_state_dict(saved["model"])
-    twin_opt = make_opt(twin, inner=torch.optim.Adam(twin.parameters(), lr=1e-2))
-    twin_opt.load_state_dict(saved["opt"])
-    train(model, opt, (3, 4))
-    train(twin, twin_opt, (3, 4))
-    assert torch.equal(opt.method.log_scales, twin_opt.method.log_scales)
-    for a, b in zip(model.parameters(), twin.parameters()):
-        assert torch.equal(a, b)
+    run = check_resume(
+        lambda model, seed: make_opt(model, inner=torch.optim.Adam(model.parameters(), lr=1e-2)),
+        steps=5,
+        make_model=lambda seed: MultiHeadNet("mlp", seed=seed),
+        step=partial(train_step, batch=8),
+    )
+    assert torch.equal(run.reference.method.log_scales, run.resumed.method.log_scales)

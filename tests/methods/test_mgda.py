@@ -144,6 +144,14 @@ def test_mgda_ub_without_features_names_the_fix():
         opt.backward({"a": theta.sum(), "b": theta.pow(2).sum()})
 
 
+@pytest.mark.parametrize("name, label", [("mgda", "MGDA"), ("mgda-ub", "MGDA-UB")])
+def test_missing_gramian_is_a_missing_input_error(name, label):
+    m = gb.methods.get(name)
+    m.bind(("a", "b"))
+    with pytest.raises(gb.MissingInputError, match=f"{label} needs the Gramian"):
+        m.weights(gb.methods.StepInputs(("a", "b"), torch.ones(2)))
+
+
 def test_bad_normalization_is_rejected():
     with pytest.raises(ValueError, match="normalization"):
         gb.methods.MGDA(normalization="max")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import io
 from fractions import Fraction
+from functools import partial
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ import gradbalance as gb
 from gradbalance.methods import StepInputs
 from gradbalance.methods.moco import MoCo
 from tests.conftest import MultiHeadNet, clone
+from tests.methods.resume import check_resume, method_state, train_step
 
 SHAPES = ((2, 3), (4,))
 
@@ -204,31 +206,16 @@ def test_balancer_moves_the_trunk_along_the_tracked_combination():
 
 
 def test_balancer_checkpoint_resumes_identically_and_skipped_steps_change_nothing():
-    model = MultiHeadNet("mlp")
-    opt = make_opt(model)
-    for seed in range(2):
-        x, y = model.inputs(seed=seed)
-        opt.zero_grad()
-        opt.backward(model.losses(x, y))
-        opt.step()
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
-    twin = MultiHeadNet("mlp", seed=5)
-    twin.load_state_dict(saved["model"])
-    twin_opt = make_opt(twin)
-    twin_opt.load_state_dict(saved["opt"])
-    for seed in (2, 3):
-        for m, o in ((model, opt), (twin, twin_opt)):
-            x, y = m.inputs(seed=seed)
-            o.zero_grad()
-            o.backward(m.losses(x, y))
-            o.step()
-    for a, b in zip(model.parameters(), twin.parameters()):
-        assert torch.equal(a, b)
+    run = check_resume(
+        lambda model, seed: make_opt(model),
+        steps=4,
+        split=2,
+        make_model=lambda seed: MultiHeadNet("mlp", seed=seed),
+        step=partial(train_step, batch=8),
+    )
+    model, opt = run.reference_model, run.reference
     # a backward that is not followed by step() leaves MoCo's state untouched
-    state = {k: v.clone() for k, v in opt.method.state_dict().items() if torch.is_tensor(v)}
+    state = method_state(opt.method)
     x, y = model.inputs(seed=9)
     opt.zero_grad()
     opt.backward(model.losses(x, y))

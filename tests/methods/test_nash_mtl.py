@@ -20,7 +20,6 @@ from tests.methods.jacobians import (
     HAND_BUILT,
     THREE_CONFLICT,
     batch,
-    check_resume,
     check_training_step,
     jac,
     jacobians,
@@ -33,6 +32,7 @@ from tests.methods.jacobians import (
     update_of,
     weights_of,
 )
+from tests.methods.resume import check_resume
 
 cp = pytest.importorskip("cvxpy")
 
@@ -256,4 +256,6 @@ def test_training_step(solver):
 @pytest.mark.parametrize("solver", ["newton", "cvxpy"])
 def test_state_dict_resume_is_exact(solver):
     run(make_balancer(model := make_net(), NashMTL(solver=solver)), model, range(2))
-    check_resume(lambda seed: NashMTL(solver=solver, update_weights_every=2))
+    check_resume(
+        lambda model, seed: make_balancer(model, NashMTL(solver=solver, update_weights_every=2))
+    )

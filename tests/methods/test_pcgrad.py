@@ -17,7 +17,6 @@ from tests.methods.jacobians import (
     THREE_AGREE,
     THREE_CONFLICT,
     TWO_CONFLICT,
-    check_resume,
     check_training_step,
     jac,
     jacobians,
@@ -29,6 +28,7 @@ from tests.methods.jacobians import (
     update_of,
     weights_of,
 )
+from tests.methods.resume import check_resume
 
 
 def reference(J: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
@@ -165,4 +165,4 @@ def test_state_dict_resume_is_exact():
     a = run(make_balancer(model := make_net(), PCGrad(seed=0)), model, range(6))
     b = run(make_balancer(model := make_net(), PCGrad(seed=1)), model, range(6))
     assert any(not torch.equal(x, y) for x, y in zip(a, b))
-    check_resume(lambda seed: PCGrad(seed=seed))
+    check_resume(lambda model, seed: make_balancer(model, PCGrad(seed=seed)))

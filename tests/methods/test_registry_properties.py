@@ -23,6 +23,7 @@ import copy
 import importlib
 import io
 import pkgutil
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -283,6 +284,14 @@ def test_state_dict_round_trip_continues_identically(name):
             assert torch.equal(after_a[key], after_b[key]), f"{name}: {key} differs"
 
 
+@pytest.mark.parametrize("name", STATEFUL)
+def test_every_stateful_method_runs_the_shared_resume_check(name):
+    """Each stateful method's test file resumes a balancer through `check_resume`."""
+    module = get_class(name).__module__.rsplit(".", 1)[-1]
+    source = (Path(__file__).parent / f"test_{module}.py").read_text(encoding="utf-8")
+    assert "check_resume(" in source, f"tests/methods/test_{module}.py does not run check_resume"
+
+
 def drive_step(method: Method, inputs: StepInputs, step) -> tuple[torch.Tensor, torch.Tensor]:
     w = method.weights(inputs).detach()
     if JACOBIAN in method.requires:
@@ -292,6 +301,33 @@ def drive_step(method: Method, inputs: StepInputs, step) -> tuple[torch.Tensor, 
         update = step["jacobian"].T @ w.to(torch.float64)
     method.update(inputs, w)
     return w.to(torch.float64), update
+
+
+# ---------------------------------------------------------------------------- hooks
+HOOKED = {"end_epoch": {"dwa"}, "observe": {"famo"}}
+
+
+@pytest.mark.parametrize("hook", sorted(HOOKED))
+def test_only_the_methods_that_need_them_override_the_epoch_and_observe_hooks(hook):
+    overriding = {n for n in METHODS if getattr(get_class(n), hook) is not getattr(Method, hook)}
+    assert overriding == HOOKED[hook]
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS if n not in {"dwa", "famo"}])
+def test_the_default_hooks_change_nothing(name):
+    k = 3
+    tasks = tasks_of(k)
+    run = make_run(k, 5)
+    method = build(name, tasks)
+    drive(method, tasks, run[:1])
+    before = copy.deepcopy(method.state_dict())
+    assert method.end_epoch() is None
+    assert method.observe(torch.ones(k)) is False
+    after = method.state_dict()
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, after[key]), f"{name}: {key} changed"
 
 
 # ---------------------------------------------------------------------------- one real step

@@ -15,6 +15,8 @@ import gradbalance as gb
 from gradbalance.methods import StepInputs
 from gradbalance.methods.rlw import RLW
 from tests.conftest import MultiHeadNet
+from tests.methods.jacobians import make_balancer
+from tests.methods.resume import check_resume
 
 
 def make(k: int = 3, **kw) -> RLW:
@@ -115,3 +117,7 @@ def test_balancer_steps_with_the_weights_of_its_step_count():
     opt.zero_grad()
     w = opt.backward(model.losses(x, y))
     torch.testing.assert_close(w.double(), weights(ref, 3), atol=1e-7, rtol=0)
+
+
+def test_checkpoint_resumes_identically():
+    check_resume(lambda model, seed: make_balancer(model, RLW(seed=seed)))

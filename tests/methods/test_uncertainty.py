@@ -3,8 +3,8 @@ with known noise, the param group, checkpoints, skipped and failed steps."""
 
 from __future__ import annotations
 
-import io
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -13,6 +13,7 @@ from torch import nn
 import gradbalance as gb
 from gradbalance.methods import StepInputs, Uncertainty
 from tests.conftest import MultiHeadNet, clone
+from tests.methods.resume import check_resume, train_step
 
 TASKS = ["t0", "t1", "t2"]
 
@@ -137,43 +138,27 @@ def test_classification_optimum_is_log_of_twice_the_loss():
 # ---------------------------------------------------------------------------- state
 def train(model, opt, start, steps):
     for t in range(start, start + steps):
-        x, y = model.inputs(seed=t)
-        opt.zero_grad()
-        opt.backward(model.losses(x, y))
-        opt.step()
+        train_step(opt, model, t, batch=8)
 
 
 @pytest.mark.parametrize("declare_tasks", [True, False])
 def test_save_and_resume_bit_identically(declare_tasks):
-    base = MultiHeadNet("convbn")
     kw = {"tasks": TASKS} if declare_tasks else {}
 
-    def make(model):
+    def make(model, seed):
         inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
         return make_opt(
             model, inner=inner, task_types=["regression", "classification", "regression"], **kw
         )
 
-    straight = clone(base)
-    opt = make(straight)
-    train(straight, opt, 0, 6)
-
-    first = clone(base)
-    opt1 = make(first)
-    train(first, opt1, 0, 3)
-    buf = io.BytesIO()
-    torch.save({"model": first.state_dict(), "opt": opt1.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    assert "log_vars" in ckpt["opt"]["method"]
-    resumed = MultiHeadNet("convbn", seed=5)
-    resumed.load_state_dict(ckpt["model"])
-    opt2 = make(resumed)
-    opt2.load_state_dict(ckpt["opt"])
-    train(resumed, opt2, 3, 3)
-    for a, b in zip(straight.parameters(), resumed.parameters()):
-        assert torch.equal(a, b)
-    assert torch.equal(opt.method.log_vars, opt2.method.log_vars)
+    run = check_resume(
+        make,
+        make_model=lambda seed: MultiHeadNet("convbn", seed=seed),
+        step=partial(train_step, batch=8),
+    )
+    assert "log_vars" in run.checkpoint["gradbalance"]["method"]
+    assert torch.equal(run.reference.method.log_vars, run.resumed.method.log_vars)
+    opt2 = run.resumed
     assert opt2.method.log_vars is opt2.optimizer.param_groups[-1]["params"][0]
 
 

@@ -20,9 +20,16 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from gradbalance import _graph, _inputs
+from gradbalance import _checkpoint, _graph, _inputs
 from gradbalance import distributed as _distributed
 from gradbalance import engine as _engine
+from gradbalance._torch_compat import (
+    HAS_FUSED_NONFINITE_CHECK,
+    fused_nonfinite_flag,
+    module_restore,
+    module_snapshot,
+    saves_sparse_gradient,
+)
 from gradbalance.errors import (
     GradBalanceError,
     LossError,
@@ -47,7 +54,6 @@ __all__ = ["GradBalancer"]
 logger = logging.getLogger(__name__)
 
 _NONFINITE_POLICIES = ("raise", "skip")
-_STATE_FORMAT = 1
 #: Key set in the ``metadata`` of a loss's ``grad_fn`` once `GradBalancer.backward` consumed
 #: its graph (``retain_graph=False``): a later backward over it raises, at every step alike.
 _CONSUMED = "gradbalance.consumed"
@@ -106,24 +112,6 @@ def _weighted_sum(weights: Tensor, losses: list[Tensor], stacked: Tensor | None)
     return objective
 
 
-#: GradScaler's fused kernel: one pass over many tensors that sets ``found_inf`` to 1 when one
-#: holds a NaN or an infinity (private API; absent builds fall back to one check per tensor).
-_FUSED_NONFINITE_CHECK = getattr(torch, "_amp_foreach_non_finite_check_and_unscale_", None)
-
-
-def _fused_flag(tensors: list[Tensor]) -> Tensor:
-    """1 (float32, on the first tensor's device) when one of ``tensors`` is not finite, else 0.
-
-    Raises ``RuntimeError`` / ``NotImplementedError`` where the fused kernel does not apply
-    (sparse or complex tensors, internal overlap such as an expanded tensor, several devices).
-    """
-    device = tensors[0].device
-    found = torch.zeros(1, dtype=torch.float32, device=device)
-    with torch.no_grad():
-        _FUSED_NONFINITE_CHECK(tensors, found, torch.ones(1, dtype=torch.float32, device=device))
-    return found
-
-
 def _finite_view(t: Tensor) -> Tensor:
     """The values whose finiteness decides ``t``'s: the stored values of a sparse tensor
     (coalesced, so that duplicate entries are checked as summed), else ``t`` itself."""
@@ -146,16 +134,16 @@ def _all_finite(tensors: Iterable[Tensor | None]) -> bool:
     present = [t for t in tensors if t is not None]
     if not present:
         return True
-    if _FUSED_NONFINITE_CHECK is not None:
+    if HAS_FUSED_NONFINITE_CHECK:
         try:
-            return not bool(_fused_flag(present))
+            return not bool(fused_nonfinite_flag(present))
         except (RuntimeError, NotImplementedError):
             pass
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     flags: list[Tensor] = []
     for t in present:
         if (
-            _FUSED_NONFINITE_CHECK is not None
+            HAS_FUSED_NONFINITE_CHECK
             and t.layout == torch.strided
             and t.is_floating_point()
             and t.is_contiguous()
@@ -167,7 +155,7 @@ def _all_finite(tensors: Iterable[Tensor | None]) -> bool:
             )
     for group in groups.values():
         try:
-            found = _fused_flag(group)
+            found = fused_nonfinite_flag(group)
         except (RuntimeError, NotImplementedError):  # pragma: no cover - kernel unavailable
             found = torch.stack([torch.isfinite(t).all().logical_not() for t in group]).any()
         flags.append(found.reshape(()).to(torch.float32).cpu())
@@ -189,7 +177,7 @@ def _sparse_gradient_params(losses: Sequence[Tensor], params: Sequence[Tensor]) 
         if id(node) in seen:
             continue
         seen[id(node)] = node
-        sparse = getattr(node, "_saved_sparse", False) is True
+        sparse = saves_sparse_gradient(node)
         for child, _ in node.next_functions:
             if child is None:
                 continue
@@ -199,36 +187,6 @@ def _sparse_gradient_params(losses: Sequence[Tensor], params: Sequence[Tensor]) 
                     found.add(position[id(variable)])
             stack.append(child)
     return sorted(found)
-
-
-def _module_snapshot(module: nn.Module) -> list[tuple[Any, ...]]:
-    """Shallow copies of what ``bind``/``build`` may change in ``module`` and its children."""
-    return [
-        (
-            m,
-            dict(m.__dict__),
-            dict(m._parameters),
-            dict(m._buffers),
-            dict(m._modules),
-            set(m._non_persistent_buffers_set),
-        )
-        for m in module.modules()
-    ]
-
-
-def _module_restore(snapshot: list[tuple[Any, ...]]) -> None:
-    """Undo what happened to the modules of `_module_snapshot` since it was taken."""
-    for m, attrs, params, buffers, children, non_persistent in snapshot:
-        m.__dict__.clear()
-        m.__dict__.update(attrs)
-        for live, saved in (
-            (m._parameters, params),
-            (m._buffers, buffers),
-            (m._modules, children),
-            (m._non_persistent_buffers_set, non_persistent),
-        ):
-            live.clear()
-            live.update(saved)
 
 
 class GradBalancer(Optimizer):
@@ -761,11 +719,11 @@ class GradBalancer(Optimizer):
 
     def _snapshot(self) -> tuple[Any, ...]:
         """What binding the tasks changes: the method, the task names, the param groups."""
-        return _module_snapshot(self.method), self._tasks, len(self.optimizer.param_groups)
+        return module_snapshot(self.method), self._tasks, len(self.optimizer.param_groups)
 
     def _restore(self, snapshot: tuple[Any, ...]) -> None:
         modules, tasks, groups = snapshot
-        _module_restore(modules)
+        module_restore(modules)
         self._tasks = tasks
         del self.optimizer.param_groups[groups:]
 
@@ -1864,9 +1822,7 @@ class GradBalancer(Optimizer):
     # ------------------------------------------------------------------ epochs
     def end_epoch(self) -> None:
         """Tell epoch-based methods (DWA) that an epoch ended; a no-op for the others."""
-        hook = getattr(self.method, "end_epoch", None)
-        if callable(hook):
-            hook()
+        self.method.end_epoch()
 
     def observe(self, losses: Any) -> None:
         """Pass the losses measured after `step` to methods that learn from them.
@@ -1875,22 +1831,23 @@ class GradBalancer(Optimizer):
         ``opt.observe(losses)`` with the recomputed losses (a dict, list or tuple like
         `backward`'s) right after ``opt.step()``. A no-op for the other methods.
         """
-        hook = getattr(self.method, "observe", None)
-        if callable(hook):
-            hook(losses)
+        self.method.observe(losses)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """Inner optimizer state, method state and the balancer's counters.
+        """The inner optimizer's state dict, with the method's state and the balancer's
+        counters under one extra key.
 
-        Holds only tensors and plain Python values, so ``torch.load(weights_only=True)`` reads
-        it back.
+        Its ``"state"`` and ``"param_groups"`` are the inner optimizer's, as torch lays them
+        out, so generic optimizer-state tools read them; ``"gradbalance"`` holds
+        ``{"format": 2, "method": ..., "balancer": ...}``. `load_state_dict` also reads the
+        older layout ``{"optimizer", "method", "balancer"}``. Holds only tensors and plain
+        Python values, so ``torch.load(weights_only=True)`` reads it back.
         """
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "method": self.method.state_dict(),
-            "balancer": {
-                "format": _STATE_FORMAT,
+        return _checkpoint.pack(
+            self.optimizer.state_dict(),
+            self.method.state_dict(),
+            {
                 "method": self.method.name,
                 "tasks": self.tasks,
                 "steps": self._steps,
@@ -1903,35 +1860,17 @@ class GradBalancer(Optimizer):
                     else ("vmapped" if self._chained_batched else "looped")
                 ),
             },
-        }
+        )
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
         """Restore a `state_dict` into this balancer (built like the saved one).
 
         All or nothing: the task names, the method's state (keys and shapes) and the inner
         optimizer's param groups are checked before anything is loaded; on any error the
-        balancer, its method and the inner optimizer are left as they were.
+        balancer, its method and the inner optimizer are left as they were. Reads the current
+        layout and the older ``{"optimizer", "method", "balancer"}`` one.
         """
-        if not isinstance(state_dict, Mapping) or not {"optimizer", "method", "balancer"} <= set(
-            state_dict
-        ):
-            raise ValueError(
-                "not a GradBalancer state dict (expected keys 'optimizer', 'method', 'balancer'); "
-                "to load an inner optimizer's state use balancer.optimizer.load_state_dict"
-            )
-        meta = state_dict["balancer"]
-        method_state = state_dict["method"]
-        optimizer_state = state_dict["optimizer"]
-        if (
-            not isinstance(meta, Mapping)
-            or not isinstance(method_state, Mapping)
-            or not isinstance(optimizer_state, Mapping)
-            or not {"state", "param_groups"} <= set(optimizer_state)
-        ):
-            raise ValueError(
-                "not a GradBalancer state dict: 'balancer' and 'method' must be mappings and "
-                "'optimizer' an optimizer state dict (keys 'state', 'param_groups')"
-            )
+        optimizer_state, method_state, meta = _checkpoint.unpack(state_dict)
         if meta.get("method") != self.method.name:
             raise ValueError(
                 f"state dict was saved with method {meta.get('method')!r}, this balancer uses "

@@ -31,7 +31,9 @@ float64 block by block), so its precision does not depend on the model's dtype. 
 never holds all of it.
 
 Everything here is free of side effects: nothing writes ``.grad``; the balancer does that once
-every check has passed.
+every check has passed. `gramian` and `combine` live in `gradbalance._linalg` (the methods use
+them too) and are re-exported here; the private torch calls (the direct autograd-engine call
+behind the loop, the flattening of many tensors in one call) live in `gradbalance._torch_compat`.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from gradbalance._linalg import add_gramian_, combine, flatten, gramian, unflatten
+from gradbalance._torch_compat import autograd_grad as _grad
 
 __all__ = [
     "DEFAULT_MEMORY_THRESHOLD",
@@ -72,13 +77,6 @@ STRATEGIES = ("auto", "loop", "batched", "chained", "representation", "memory")
 #: memory-light path; also the budget of Jacobian entries one group of it may hold at once.
 #: ``2**27`` entries are 512 MiB of float32 rows (e.g. ``K = 8`` tasks on 16.7 M parameters).
 DEFAULT_MEMORY_THRESHOLD = 2**27
-
-#: Entries (``K ×`` columns) of float32/float16 rows converted to float64 at a time when
-#: accumulating ``G``: small enough to stay in cache (a 2**20 chunk was twice as slow at K = 32).
-_GRAMIAN_CHUNK = 2**15
-
-#: Tensors of at most this many entries share one product in `combine`.
-_COMBINE_SMALL = 4096
 
 
 class TaskGradients:
@@ -165,7 +163,7 @@ class TaskGradients:
         """``G = J Jᵀ`` (float64): see `gramian`."""
         if self.flat is not None:
             g = torch.zeros((num_tasks, num_tasks), dtype=torch.float64, device=self.flat.device)
-            _add_gramian_(g, self.flat)
+            add_gramian_(g, self.flat)
             return g
         return gramian(self.rows, num_tasks)
 
@@ -176,7 +174,7 @@ class TaskGradients:
         assert self._like is not None
         joined = weights.to(device=self.flat.device, dtype=self.flat.dtype) @ self.flat
         present = [t for t in self._like if t is not None]
-        parts = iter(_unflatten(joined, present))
+        parts = iter(unflatten(joined, present))
         return [None if t is None else next(parts) for t in self._like]
 
     def __repr__(self) -> str:
@@ -184,27 +182,6 @@ class TaskGradients:
             f"TaskGradients(rows={self.rows!r}, others={self.others!r}, "
             f"task_reached={self.task_reached!r})"
         )
-
-
-def _flatten(tensors: list[Tensor]) -> Tensor:
-    """The tensors' entries, one after the other, in one new 1-D tensor (one C++ call)."""
-    if _FLATTEN is not None:
-        return _FLATTEN(tensors)
-    return torch.cat([t.reshape(-1) for t in tensors])  # pragma: no cover - other torch
-
-
-def _unflatten(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
-    """Views of the 1-D ``flat`` shaped as ``like``, in order (one C++ call)."""
-    if _UNFLATTEN is not None:
-        return list(_UNFLATTEN(flat, like))
-    parts = flat.split([t.numel() for t in like])  # pragma: no cover - other torch
-    return [p.view(t.shape) for p, t in zip(parts, like)]  # pragma: no cover
-
-
-# torch's helpers behind DDP's bucketing: flatten a list of tensors / view one back as a list,
-# without one Python-level op per tensor (each such op costs about a microsecond)
-_FLATTEN = getattr(getattr(torch._C, "_nn", None), "flatten_dense_tensors", None)
-_UNFLATTEN = getattr(getattr(torch._C, "_nn", None), "unflatten_dense_tensors", None)
 
 
 def _nonzero_tasks(rows: Sequence[Tensor | None]) -> list[bool]:
@@ -222,34 +199,6 @@ def _nonzero_tasks(rows: Sequence[Tensor | None]) -> list[bool]:
     if not any(out):
         out = [True] * k
     return out
-
-
-try:  # the engine call behind torch.autograd.grad, without its per-call argument handling
-    from torch.autograd.graph import _engine_run_backward as _RUN_BACKWARD
-except ImportError:  # pragma: no cover - older or newer torch
-    _RUN_BACKWARD = None
-
-
-def _grad(loss: Tensor, inputs: tuple[Tensor, ...], retain_graph: bool) -> tuple:
-    """``torch.autograd.grad(loss, inputs, retain_graph=..., allow_unused=True)`` for a scalar
-    loss, calling the autograd engine directly when that is equivalent (plain tensors, no
-    ``__torch_function__`` override): the public wrapper's argument handling costs tens of
-    microseconds per call, which adds up over ``K`` calls a step."""
-    global _RUN_BACKWARD
-    if _RUN_BACKWARD is not None and not torch.overrides.has_torch_function((loss, *inputs)):
-        try:
-            return _RUN_BACKWARD(
-                (loss,),
-                (torch.ones_like(loss),),
-                retain_graph,
-                False,
-                inputs,
-                True,
-                accumulate_grad=False,
-            )
-        except TypeError:  # pragma: no cover - the private signature changed: stop using it
-            _RUN_BACKWARD = None
-    return torch.autograd.grad(loss, inputs, retain_graph=retain_graph, allow_unused=True)
 
 
 def _as_scalar_stack(losses: Sequence[Tensor]) -> Tensor:
@@ -321,7 +270,7 @@ def _loop_result(
             for g, f in zip(grads, firsts)
             if f is not None
         ]
-    flat = _flatten(pieces).view(k, -1)  # type: ignore[arg-type]
+    flat = flatten(pieces).view(k, -1)  # type: ignore[arg-type]
     like: list[Tensor | None] = [s if f is not None else None for s, f in zip(shared, firsts)]
     return TaskGradients(None, summed, task_reached, flat=flat, like=like)
 
@@ -366,8 +315,9 @@ def _batched(
         is_grads_batched=True,
     )
     n_shared = len(shared)
-    rows = list(grads[:n_shared])
-    summed = [None if g is None else g.sum(dim=0) for g in grads[n_shared:]]
+    # autograd.grad is typed as returning tensors; with allow_unused=True entries may be None
+    rows: list[Tensor | None] = list(grads[:n_shared])
+    summed: list[Tensor | None] = [None if g is None else g.sum(dim=0) for g in grads[n_shared:]]
     if all(r is None for r in rows):
         return TaskGradients(rows=rows, others=summed, task_reached=[False] * k)
     # which tasks reach a shared tensor is computed only when read (see TaskGradients)
@@ -690,93 +640,6 @@ def probe_batched(
     return result, "batched"
 
 
-def gramian(rows: Sequence[Tensor | None], num_tasks: int) -> Tensor:
-    """``G = J Jᵀ`` in float64, accumulated tensor by tensor from the Jacobian rows.
-
-    Examples:
-        >>> import torch
-        >>> gramian([torch.tensor([[1.0, 0.0], [1.0, 1.0]])], 2)
-        tensor([[1., 1.],
-                [1., 2.]], dtype=torch.float64)
-    """
-    device = next((r.device for r in rows if r is not None), torch.device("cpu"))
-    g = torch.zeros((num_tasks, num_tasks), dtype=torch.float64, device=device)
-    # small tensors (biases, norms) are gathered into one block of up to a chunk's columns,
-    # so that each costs one copy instead of a conversion and a product of its own
-    limit = max(1, _GRAMIAN_CHUNK // max(num_tasks, 1))
-    pending: list[Tensor] = []
-    columns = 0
-    for row in rows:
-        if row is None:
-            continue
-        flat = row.reshape(num_tasks, -1)
-        n = flat.shape[1]
-        if n >= limit // 4 or flat.dtype == torch.float64:
-            _add_gramian_(g, flat)
-            continue
-        if pending and (
-            pending[0].dtype != flat.dtype
-            or pending[0].device != flat.device
-            or columns + n > limit
-        ):
-            _add_gramian_(g, torch.cat(pending, dim=1))
-            pending, columns = [], 0
-        pending.append(flat)
-        columns += n
-    if pending:
-        _add_gramian_(g, pending[0] if len(pending) == 1 else torch.cat(pending, dim=1))
-    return g
-
-
-def _add_gramian_(g: Tensor, row: Tensor) -> None:
-    """``g += J_p J_pᵀ`` in float64; lower-precision rows are converted in column chunks so the
-    float64 copy never exceeds ``K × _GRAMIAN_CHUNK / K`` entries."""
-    k = g.shape[0]
-    flat = row.reshape(k, -1)
-    if flat.dtype == torch.float64:
-        g.addmm_(flat, flat.T)
-        return
-    step = max(1, _GRAMIAN_CHUNK // max(k, 1))
-    for start in range(0, flat.shape[1], step):
-        part = flat[:, start : start + step].to(torch.float64)
-        g.addmm_(part, part.T)
-
-
-def combine(rows: Sequence[Tensor | None], weights: Tensor) -> list[Tensor | None]:
-    """``Jᵀw`` tensor by tensor: the weighted sum of the task gradients.
-
-    Examples:
-        >>> import torch
-        >>> combine([torch.tensor([[1.0, 0.0], [0.0, 1.0]])], torch.tensor([0.25, 0.75]))
-        [tensor([0.2500, 0.7500])]
-    """
-    out: list[Tensor | None] = [None] * len(rows)
-    cast: dict[tuple[torch.device, torch.dtype], Tensor] = {}
-    # small tensors of one (device, dtype) share one product on their concatenated rows
-    small: dict[tuple[torch.device, torch.dtype], list[tuple[int, Tensor]]] = {}
-    for i, row in enumerate(rows):
-        if row is None:
-            continue
-        key = (row.device, row.dtype)
-        w = cast.get(key)
-        if w is None:
-            w = cast[key] = weights.to(device=row.device, dtype=row.dtype)
-        k = row.shape[0]
-        flat = row.reshape(k, -1)
-        if flat.shape[1] <= _COMBINE_SMALL:
-            small.setdefault(key, []).append((i, flat))
-            continue
-        # one vector-matrix product per tensor (what tensordot does, without its overhead)
-        out[i] = (w @ flat).view(row.shape[1:])
-    for key, items in small.items():
-        joined = cast[key] @ (
-            items[0][1] if len(items) == 1 else torch.cat([f for _, f in items], 1)
-        )
-        for (i, _), part in zip(items, joined.split([f.shape[1] for _, f in items])):
-            out[i] = part.view(rows[i].shape[1:])  # type: ignore[union-attr]
-    return out
-
-
 def backprop_features(
     features: Sequence[Tensor],
     shared: Sequence[Tensor],
@@ -951,7 +814,7 @@ def memory_gramian(
         for i, row in zip(sh, rows):
             if row is not None:
                 reached[i] = True
-                _add_gramian_(g, row)
+                add_gramian_(g, row)
         summed_group = tg.others
         for j, s in zip(ot, summed_group):
             summed[j] = s

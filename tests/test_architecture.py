@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import gradbalance
@@ -62,8 +63,30 @@ def test_the_graph_was_read():
 
 
 def test_engine_and_distributed_import_nothing_from_the_package():
-    assert _outside("engine") == {"gradbalance.engine": set()}
+    # nothing but the layer underneath: `_linalg` and the torch shims
+    assert _outside("engine") == {"gradbalance.engine": {"_linalg", "_torch_compat"}}
     assert _outside("distributed") == {"gradbalance.distributed": set()}
+
+
+def test_linalg_and_the_torch_shims_sit_underneath_everything():
+    assert _outside("_linalg") == {"gradbalance._linalg": {"_torch_compat"}}
+    assert _outside("_torch_compat") == {"gradbalance._torch_compat": set()}
+    assert _outside("_checkpoint") == {"gradbalance._checkpoint": set()}
+
+
+#: Private torch entry points (``torch._*``, private functions and node attributes): only
+#: `gradbalance._torch_compat` may use them, each with its fallback.
+PRIVATE_TORCH = re.compile(r"torch\._|_engine_run_backward|_amp_foreach|_saved_[a-z]")
+
+
+def test_private_torch_entry_points_live_in_one_module():
+    users = sorted(
+        str(p.relative_to(ROOT))
+        for p in ROOT.rglob("*.py")
+        if p.name != "_torch_compat.py" and PRIVATE_TORCH.search(p.read_text(encoding="utf-8"))
+    )
+    assert users == []
+    assert PRIVATE_TORCH.search((ROOT / "_torch_compat.py").read_text(encoding="utf-8"))
 
 
 def test_solvers_and_inputs_import_only_errors():
@@ -71,15 +94,27 @@ def test_solvers_and_inputs_import_only_errors():
         assert all(deps <= {"errors"} for deps in _outside(unit).values()), _outside(unit)
 
 
-def test_methods_reach_the_engine_only_through_method_combine():
+def test_methods_do_not_import_the_engine():
+    # the default `Method.combine` (Jᵀw) comes from `_linalg`, underneath both
     outside = _outside("methods")
-    assert all(deps <= {"solvers", "errors", "engine"} for deps in outside.values()), outside
-    assert {m for m, deps in outside.items() if "engine" in deps} == {"gradbalance.methods.base"}
+    assert all(deps <= {"solvers", "errors", "_linalg"} for deps in outside.values()), outside
 
 
 def test_the_core_does_not_import_what_sits_beside_or_above_it():
-    core = {"balancer", "_inputs", "engine", "distributed", "methods", "solvers", "errors"}
-    beside = {"models", "data", "losses", "metrics", "training", "runlog", "cli"}
+    core = {
+        "balancer",
+        "_inputs",
+        "_graph",
+        "_checkpoint",
+        "_linalg",
+        "_torch_compat",
+        "engine",
+        "distributed",
+        "methods",
+        "solvers",
+        "errors",
+    }
+    beside = {"models", "data", "losses", "metrics", "tasks", "training", "runlog", "cli"}
     for unit in core:
         for module, deps in _outside(unit).items():
             assert not deps & beside, (module, deps & beside)

@@ -216,7 +216,7 @@ def test_state_dict_keeps_the_timed_trunk_choice():
     model = MultiHeadNet("mlp")
     opt = _run(model, "auto", steps=4)
     assert opt.engine == "chained"
-    saved = opt.state_dict()["balancer"]
+    saved = opt.state_dict()["gradbalance"]["balancer"]
     assert saved["chained_trunk"] in ("vmapped", "looped")
     clone = copy.deepcopy(model)
     fresh = gb.GradBalancer(
@@ -226,7 +226,7 @@ def test_state_dict_keeps_the_timed_trunk_choice():
     )
     fresh.load_state_dict(opt.state_dict())
     assert fresh.engine == "chained"
-    assert fresh.state_dict()["balancer"]["chained_trunk"] == saved["chained_trunk"]
+    assert fresh.state_dict()["gradbalance"]["balancer"]["chained_trunk"] == saved["chained_trunk"]
 
 
 def test_deterministic_mode_skips_the_timing_and_keeps_the_vmapped_trunk():

@@ -243,28 +243,28 @@ def test_a_three_task_checkpoint_into_an_unbound_two_task_balancer_changes_nothi
 def _bad_checkpoints(sd: dict) -> dict[str, dict]:
     bad = {}
     c = copy.deepcopy(sd)
-    c["balancer"]["tasks"] = ["t0", "t1", "t2"]
+    c["gradbalance"]["balancer"]["tasks"] = ["t0", "t1", "t2"]
     bad["other-tasks"] = c
     c = copy.deepcopy(sd)
-    c["method"]["log_vars"] = torch.zeros(3)
+    c["gradbalance"]["method"]["log_vars"] = torch.zeros(3)
     bad["method-shape"] = c
     c = copy.deepcopy(sd)
-    c["method"]["surprise"] = torch.zeros(1)
+    c["gradbalance"]["method"]["surprise"] = torch.zeros(1)
     bad["method-extra-key"] = c
     c = copy.deepcopy(sd)
-    del c["method"]["log_vars"]
+    del c["gradbalance"]["method"]["log_vars"]
     bad["method-missing-key"] = c
     c = copy.deepcopy(sd)
-    c["optimizer"]["param_groups"] = c["optimizer"]["param_groups"][:1]
+    c["param_groups"] = c["param_groups"][:1]
     bad["optimizer-groups"] = c
     c = copy.deepcopy(sd)
-    c["optimizer"]["param_groups"][0]["params"] = c["optimizer"]["param_groups"][0]["params"][:-1]
+    c["param_groups"][0]["params"] = c["param_groups"][0]["params"][:-1]
     bad["optimizer-group-size"] = c
     c = copy.deepcopy(sd)
-    c["balancer"]["steps"] = "many"
+    c["gradbalance"]["balancer"]["steps"] = "many"
     bad["steps"] = c
     c = copy.deepcopy(sd)
-    c["balancer"]["method"] = "mgda"
+    c["gradbalance"]["balancer"]["method"] = "mgda"
     bad["method-name"] = c
     return bad
 

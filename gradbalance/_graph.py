@@ -33,7 +33,7 @@ def _accumulate_type() -> type | None:
 
 
 #: The class of autograd's ``AccumulateGrad`` nodes (``None``: fall back to ``hasattr``).
-_ACCUMULATE = _accumulate_type()
+_ACCUMULATE: Any = _accumulate_type()
 
 
 def _leaf(node: Any) -> Tensor | None:

@@ -59,6 +59,11 @@ _NONFINITE_POLICIES = ("raise", "skip")
 _CONSUMED = "gradbalance.consumed"
 
 
+def _node_metadata(node: Any) -> dict[str, Any]:
+    """An autograd node's ``metadata`` dict (public API; torch's stubs type it as a method)."""
+    return node.metadata
+
+
 def _describe(t: Tensor, index: int, kind: str) -> str:
     return f"{kind} parameter #{index} (shape {tuple(t.shape)})"
 
@@ -462,18 +467,19 @@ class GradBalancer(Optimizer):
         each step). A tensor that requires grad must be in the inner optimizer."""
         if params is None:
             return []
+        items: list[Tensor]
         if isinstance(params, Tensor):
             items = [params]
         elif isinstance(params, nn.Module):
             named = list(params.named_parameters())
-            for name, p in named:
-                self._names.setdefault(id(p), name)
-            items = [p for _, p in named]
+            for name, param in named:
+                self._names.setdefault(id(param), name)
+            items = [param for _, param in named]
         else:
             items = list(params)
         in_optimizer = {id(p) for p in self._optimizer_params()}
         seen: set[int] = set()
-        out = []
+        out: list[Tensor] = []
         for i, p in enumerate(items):
             if not isinstance(p, Tensor):
                 raise TypeError(f"{what}[{i}] is a {type(p).__name__}, not a tensor")
@@ -728,7 +734,7 @@ class GradBalancer(Optimizer):
         del self.optimizer.param_groups[groups:]
 
     # ------------------------------------------------------------------ shared Optimizer state
-    @property  # type: ignore[override]
+    @property
     def param_groups(self) -> list[dict[str, Any]]:
         return self.optimizer.param_groups
 
@@ -737,7 +743,7 @@ class GradBalancer(Optimizer):
         if getattr(self, "_initialized", False):
             self.optimizer.param_groups = value
 
-    @property  # type: ignore[override]
+    @property
     def state(self) -> Any:
         return self.optimizer.state
 
@@ -746,7 +752,7 @@ class GradBalancer(Optimizer):
         if getattr(self, "_initialized", False):
             self.optimizer.state = value
 
-    @property  # type: ignore[override]
+    @property
     def defaults(self) -> dict[str, Any]:
         return self.optimizer.defaults
 
@@ -979,7 +985,7 @@ class GradBalancer(Optimizer):
             for loss in loss_list:
                 node = loss.grad_fn
                 if node is not None:
-                    node.metadata[_CONSUMED] = True
+                    _node_metadata(node)[_CONSUMED] = True
         return result
 
     def _balance(
@@ -1047,7 +1053,7 @@ class GradBalancer(Optimizer):
         """
         for i, loss in enumerate(loss_list):
             node = loss.grad_fn
-            if node is not None and node.metadata.get(_CONSUMED):
+            if node is not None and _node_metadata(node).get(_CONSUMED):
                 raise LossError(
                     f"trying to backward through the graph a second time: backward() was "
                     f"already called on these losses (loss #{i} of this call) and freed their "
@@ -1106,7 +1112,7 @@ class GradBalancer(Optimizer):
                     "engine='batched' (vmap) cannot compute; use engine='loop' or 'auto'"
                 ) from exc
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Step the inner optimizer, then commit the method's state update.
 
         Only a step that follows a successful `backward` (since the last `step` or `zero_grad`)
@@ -1274,11 +1280,16 @@ class GradBalancer(Optimizer):
                 return self._backward_memory(
                     tasks, loss_list, detached, kpis, others, scale, retain_graph, call_order
                 )
-            tg = None
-            if features and self._chained_ok:
-                tg = self._chained(loss_list, features, shared, others, retain_graph)
-            if tg is None:
-                tg = self._parameter_rows(loss_list, shared, others, retain_graph)
+            chained = (
+                self._chained(loss_list, features, shared, others, retain_graph)
+                if features and self._chained_ok
+                else None
+            )
+            tg = (
+                chained
+                if chained is not None
+                else self._parameter_rows(loss_list, shared, others, retain_graph)
+            )
             if self._sync is not None and self._sync.exact:
                 # the global batch's Jacobian is the mean of the ranks' Jacobians
                 tg.rows = self._sync.mean(tg.rows, shared, (k,))
@@ -1834,7 +1845,7 @@ class GradBalancer(Optimizer):
         self.method.observe(losses)
 
     # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+    def state_dict(self) -> dict[str, Any]:
         """The inner optimizer's state dict, with the method's state and the balancer's
         counters under one extra key.
 
@@ -1862,7 +1873,7 @@ class GradBalancer(Optimizer):
             },
         )
 
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore a `state_dict` into this balancer (built like the saved one).
 
         All or nothing: the task names, the method's state (keys and shapes) and the inner

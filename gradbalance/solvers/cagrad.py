@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from typing import Literal, overload
 
-import scipy.optimize  # type: ignore[import-untyped]
+import scipy.optimize
 import torch
 from torch import Tensor
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.linalg.lapack import dgesv as _dgesv  # type: ignore[import-untyped]
+from scipy.linalg.lapack import dgesv as _dgesv
 from torch import Tensor
 
 from gradbalance.solvers.jacobi import NORM_FLOOR

@@ -43,7 +43,7 @@ def parse_losses(
     """
     if known is not None and type(losses) is dict and tuple(losses) == known:
         # the common case: a dict keyed by the declared tasks, in their order
-        tensors = list(losses.values())
+        tensors: list[Tensor] = list(losses.values())
         for name, loss in zip(known, tensors):
             _check_loss(name, loss)
         return known, tensors, list(range(len(known)))
@@ -86,7 +86,7 @@ def parse_losses(
         _check_loss(name, loss)
     order = known if known is not None else tuple(given_names)
     position = {name: i for i, name in enumerate(order)}
-    tensors: list[Tensor] = [given[0]] * len(order)
+    tensors = [given[0]] * len(order)
     call_order = []
     for name, loss in zip(given_names, given):
         tensors[position[name]] = loss

@@ -33,6 +33,7 @@ a handful of mixing weights). The last shared layer (GradNorm's ``W``) is the la
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -98,8 +99,8 @@ class CrossStitchUnit(nn.Module):
         if per_channel and channels is None:
             raise ValueError("per_channel=True needs the channel count")
         init = mixing_init(num_tasks, self_weight)
-        if per_channel:
-            init = init[:, :, None].repeat(1, 1, int(channels))  # type: ignore[arg-type]
+        if per_channel and channels is not None:
+            init = init[:, :, None].repeat(1, 1, int(channels))
         self.num_tasks = num_tasks
         self.per_channel = per_channel
         self.alpha = nn.Parameter(init)
@@ -121,22 +122,30 @@ class ColumnNet(MultiTaskModel):
     Subclasses build ``self.units`` (in execution order) after calling ``_build_columns``.
     """
 
+    in_channels: int
+    columns: nn.ModuleDict  # {task: SegNetBackbone}
+    heads: nn.ModuleDict  # {task: TaskHead}
+    units: nn.ModuleList
+    unit_lr_mult: float
+
     def _build_columns(self, width: float, in_channels: int) -> list[int]:
         self.in_channels = in_channels
-        self.columns = nn.ModuleDict({t: SegNetBackbone(in_channels, width) for t in self.tasks})
-        c = next(iter(self.columns.values())).channels
+        columns = {t: SegNetBackbone(in_channels, width) for t in self.tasks}
+        self.columns = nn.ModuleDict(columns)
+        c = next(iter(columns.values())).channels
         self.heads = nn.ModuleDict({t: TaskHead(s, c[0]) for t, s in self.tasks.items()})
         n = len(c)
         # channels after each fused stage: encoder stages 0..n-1, decoder stages n-1..1
         return [c[s] for s in range(n)] + [c[s - 1] for s in reversed(range(1, n))]
 
-    units: nn.ModuleList
-    unit_lr_mult: float
+    def _columns(self) -> list[SegNetBackbone]:
+        """The tasks' SegNet columns, in task order."""
+        return cast("list[SegNetBackbone]", list(self.columns.values()))
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         check_image(x, self.in_channels, type(self).__name__)
         tasks = list(self.tasks)
-        cols = [self.columns[t] for t in tasks]
+        cols = cast("list[SegNetBackbone]", [self.columns[t] for t in tasks])
         n = cols[0].num_stages
         xs = [x] * len(tasks)
         where: list[list[tuple[Tensor, torch.Size]]] = [[] for _ in tasks]
@@ -176,7 +185,7 @@ class ColumnNet(MultiTaskModel):
         """Every column's layers before the last fusion unit: each task's loss reaches them
         (through the units), so they are shared in the sense of `shared_parameters`."""
         members: list[Member] = []
-        for col in self.columns.values():
+        for col in self._columns():
             last = col.dec_stage(0)
             members += [col.enc, *(stage for stage in col.dec if stage is not last)]
         return members
@@ -186,7 +195,8 @@ class ColumnNet(MultiTaskModel):
 
     def _task_members(self, task: str) -> list[Member]:
         # after the last unit, each column's last decoder stage and head serve one task only
-        return [self.columns[task].dec_stage(0), self.heads[task]]
+        column = cast(SegNetBackbone, self.columns[task])
+        return [column.dec_stage(0), self.heads[task]]
 
     def _last_shared_members(self) -> list[Member]:
         return [self.units[-1]]

@@ -138,4 +138,5 @@ class MMoE(MultiTaskModel):
         return [self.gate[task], self.towers[task]]
 
     def _last_shared_members(self) -> list[Member]:
-        return [[m for m in e if isinstance(m, nn.Linear)][-1] for e in self.experts]
+        # each expert is an nn.Sequential of Linear/ReLU(/Dropout) layers (see _mlp)
+        return [[m for m in e.children() if isinstance(m, nn.Linear)][-1] for e in self.experts]

@@ -20,7 +20,8 @@ the task head.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,7 @@ from gradbalance.models.base import (
     scaled,
 )
 from gradbalance.models.layers import ConvBNReLU, TaskHead, resize
-from gradbalance.models.segnet import SegNetBackbone, pool, unpool
+from gradbalance.models.segnet import SegNetBackbone, SegNetStage, pool, unpool
 
 __all__ = ["MTAN", "STAN", "AttentionModule", "BasicBlock", "SegNetMTAN", "resnet_mtan"]
 
@@ -131,7 +132,7 @@ class SegNetMTAN(MultiTaskModel):
         n = bb.num_stages
         enc_u, enc_p, where = [], [], []
         h = x
-        for stage in bb.enc:
+        for stage in cast("Iterable[SegNetStage]", bb.enc):
             u = stage.first(h)
             p = stage.rest(u)
             h, idx, size = pool(p)
@@ -148,10 +149,12 @@ class SegNetMTAN(MultiTaskModel):
         masks: dict[str, list[Tensor]] = {}
         for t in self.tasks:
             kept: list[Tensor] = []
+            enc_att = cast(nn.ModuleList, self.enc_att[t])
+            dec_att = cast(nn.ModuleList, self.dec_att[t])
             a: Tensor | None = None
             for j in range(n):
                 inp = enc_u[j] if a is None else torch.cat([enc_u[j], a], 1)
-                mask = self.enc_att[t][j](inp)
+                mask = enc_att[j](inp)
                 a = F.max_pool2d(self.enc_f[j](mask * enc_p[j]), kernel_size=2, stride=2)
                 if keep_masks:
                     kept.append(mask)
@@ -159,7 +162,7 @@ class SegNetMTAN(MultiTaskModel):
             for j in reversed(range(n)):
                 a = F.interpolate(a, size=dec_u[j].shape[-2:], mode="bilinear", align_corners=True)
                 a = self.dec_f[j](a)
-                mask = self.dec_att[t][j](torch.cat([dec_u[j], a], 1))
+                mask = dec_att[j](torch.cat([dec_u[j], a], 1))
                 a = mask * dec_p[j]
                 if keep_masks:
                     kept.append(mask)
@@ -185,7 +188,7 @@ class SegNetMTAN(MultiTaskModel):
         # the last shared layers in execution order: the shared network's last convolution
         # (its output p^(0) is what the last masks select from) and the shared f^(0) of the
         # last decoder attention stage (its output feeds only the task-specific masks)
-        return [self.backbone.dec_stage(0).last_layer()[0], self.dec_f[0][0]]
+        return [self.backbone.dec_stage(0).last_layer()[0], cast(ConvBNReLU, self.dec_f[0])[0]]
 
 
 class STAN(MultiTaskModel):
@@ -213,7 +216,7 @@ class STAN(MultiTaskModel):
 
     def attention_masks(self, x: Tensor) -> dict[str, list[Tensor]]:
         """The attention masks of each task's network."""
-        return {t: self.nets[t].attention_masks(x)[t] for t in self.tasks}
+        return {t: cast(SegNetMTAN, self.nets[t]).attention_masks(x)[t] for t in self.tasks}
 
     def _shared_members(self) -> list[Member]:
         return []
@@ -311,7 +314,7 @@ class MTAN(MultiTaskModel):
             check_image(x, self.in_channels, type(self).__name__)
         us, ps = [], []
         h = x
-        for j, st in enumerate(self.stages):
+        for j, st in enumerate(cast("Iterable[nn.Sequential]", self.stages)):
             u = st[:-1](h)
             h = st[-1](u)
             if u.shape[1] != self._u_channels[j] or h.shape[1] != self._channels[j]:
@@ -327,6 +330,7 @@ class MTAN(MultiTaskModel):
         masks: dict[str, list[Tensor]] = {}
         for t in self.tasks:
             kept = []
+            att = cast(nn.ModuleList, self.att[t])
             a: Tensor | None = None
             for j in range(len(self.stages)):
                 if a is None:
@@ -334,7 +338,7 @@ class MTAN(MultiTaskModel):
                 else:
                     prev = resize(self.shared_f[j - 1](a), us[j].shape[-2:])
                     inp = torch.cat([us[j], prev], 1)
-                mask = self.att[t][j](inp)
+                mask = att[j](inp)
                 a = mask * ps[j]
                 if keep_masks:
                     kept.append(mask)
@@ -360,14 +364,16 @@ class MTAN(MultiTaskModel):
         # the last convolution or linear layer of the last stage (any module with parameters
         # when it has none)
         layers = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
-        found = [m for m in self.stages[-1].modules() if isinstance(m, layers)]
+        found: list[nn.Module] = [m for m in self.stages[-1].modules() if isinstance(m, layers)]
         if not found:
             found = [
                 m for m in self.stages.modules() if next(m.parameters(False), None) is not None
             ]
         # with the shared f of the last stage's attention, applied as late (its output feeds
         # only the task-specific masks of that stage)
-        shared_f: list[Member] = [self.shared_f[-1][0]] if len(self.shared_f) else []
+        shared_f: list[Member] = (
+            [cast(ConvBNReLU, self.shared_f[-1])[0]] if len(self.shared_f) else []
+        )
         return [*found[-1:], *shared_f]
 
 
@@ -433,7 +439,8 @@ def resnet_mtan(
     stages = []
     prev = widths[0]
     for j, (w, n) in enumerate(zip(widths, blocks)):
-        layer = [BasicBlock(prev, w, 1 if j == 0 else 2)] + [BasicBlock(w, w) for _ in range(n - 1)]
+        layer: list[nn.Module] = [BasicBlock(prev, w, 1 if j == 0 else 2)]
+        layer += [BasicBlock(w, w) for _ in range(n - 1)]
         if j == 0:
             layer = [stem, *layer]
         stages.append(nn.Sequential(*layer))

@@ -32,6 +32,7 @@ second-to-last decoder stage, one per column, all applied just before the last N
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -60,14 +61,13 @@ class NDDRLayer(nn.Module):
     def __init__(self, num_tasks: int, channels: int, self_weight: float = 0.9) -> None:
         super().__init__()
         self.num_tasks = num_tasks
-        self.convs = nn.ModuleList(
-            nn.Conv2d(num_tasks * channels, channels, 1, bias=False) for _ in range(num_tasks)
-        )
+        convs = [nn.Conv2d(num_tasks * channels, channels, 1, bias=False) for _ in range(num_tasks)]
+        self.convs = nn.ModuleList(convs)
         self.bns = nn.ModuleList(nn.BatchNorm2d(channels) for _ in range(num_tasks))
         mix = mixing_init(num_tasks, self_weight)
         eye = torch.eye(channels)
         with torch.no_grad():
-            for i, conv in enumerate(self.convs):
+            for i, conv in enumerate(convs):
                 blocks = [mix[i, j] * eye for j in range(num_tasks)]
                 conv.weight.copy_(torch.cat(blocks, dim=1)[:, :, None, None])
 
@@ -117,8 +117,8 @@ class NDDRCNN(ColumnNet):
 
     def _task_members(self, task: str) -> list[Member]:
         i = list(self.tasks).index(task)
-        last = self.units[-1]
+        last = cast(NDDRLayer, self.units[-1])
         return [*super()._task_members(task), last.convs[i], last.bns[i]]
 
     def _last_shared_members(self) -> list[Member]:
-        return [col.dec_stage(1).last_layer()[0] for col in self.columns.values()]
+        return [col.dec_stage(1).last_layer()[0] for col in self._columns()]

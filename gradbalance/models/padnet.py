@@ -29,7 +29,7 @@ targets serve both.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -223,7 +223,7 @@ class PADNet(MultiTaskModel):
 
     def predict(self, x: Tensor) -> PADNetOutput:
         """Final predictions of the main tasks and initial predictions of every task."""
-        return self._decode_all(self.encode(x), tuple(x.shape[-2:]))  # type: ignore[arg-type]
+        return self._decode_all(self.encode(x), (x.shape[-2], x.shape[-1]))
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         return self.predict(x).final
@@ -268,4 +268,4 @@ class PADNet(MultiTaskModel):
 
     def _last_shared_members(self) -> list[Member]:
         # the convolution of the encoder's last Conv-BN-ReLU (not its 1-D BatchNorm tensors)
-        return [self.encoder[-1].last_layer()[0]]  # type: ignore[operator,index]
+        return [cast(SegNetStage, self.encoder[-1]).last_layer()[0]]

@@ -17,7 +17,8 @@ at input resolution; each task head is ``Conv3×3(64 -> 64) -> Conv1×1(64 -> ou
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,7 @@ from gradbalance.models.base import (
     scaled,
 )
 from gradbalance.models.layers import ConvBNReLU, TaskHead, conv_layer
+from gradbalance.tasks import TaskSpec
 
 __all__ = [
     "VGG16_DEPTHS",
@@ -70,7 +72,7 @@ def pool(x: Tensor) -> tuple[Tensor, Tensor, torch.Size]:
 
 def unpool(x: Tensor, idx: Tensor, size: torch.Size) -> Tensor:
     """Max unpooling with the indices of `pool`, back to ``size``."""
-    return F.max_unpool2d(x, idx, kernel_size=2, stride=2, output_size=size)
+    return F.max_unpool2d(x, idx, kernel_size=(2, 2), stride=(2, 2), output_size=size)
 
 
 class SegNetStage(nn.Module):
@@ -184,7 +186,7 @@ class SegNetBackbone(nn.Module):
 
     def dec_stage(self, s: int) -> SegNetStage:
         """The decoder stage working at encoder stage ``s``'s resolution."""
-        return self.dec[self.num_stages - 1 - s]  # type: ignore[return-value]
+        return cast(SegNetStage, self.dec[self.num_stages - 1 - s])
 
     def forward(self, x: Tensor) -> Tensor:
         pooled: list[tuple[Tensor, torch.Size]] = []
@@ -197,7 +199,7 @@ class SegNetBackbone(nn.Module):
         return x
 
 
-def _heads(tasks, in_channels: int) -> nn.ModuleDict:
+def _heads(tasks: Mapping[str, TaskSpec], in_channels: int) -> nn.ModuleDict:
     return nn.ModuleDict({t: TaskHead(spec, in_channels) for t, spec in tasks.items()})
 
 
@@ -223,8 +225,9 @@ class SegNet(MultiTaskModel):
     def __init__(self, tasks: TasksLike = None, *, width: float = 1.0, in_channels: int = 3):
         super().__init__(parse_tasks(tasks, default=NYUV2_TASKS))
         self.in_channels = in_channels
-        self.nets = nn.ModuleDict({t: SegNetBackbone(in_channels, width) for t in self.tasks})
-        c0 = next(iter(self.nets.values())).channels[0]
+        nets = {t: SegNetBackbone(in_channels, width) for t in self.tasks}
+        self.nets = nn.ModuleDict(nets)
+        c0 = next(iter(nets.values())).channels[0]
         self.heads = _heads(self.tasks, c0)
         init_weights(self)
 
@@ -370,7 +373,7 @@ class Dense(MultiTaskModel):
                 h = self.shared.dec_stage(s)(ups[s])
         out = {}
         for t in self.tasks:
-            col = self.columns[t]
+            col = cast(SegNetBackbone, self.columns[t])
             y = x
             own: list[tuple[Tensor, torch.Size]] = []
             for s, stage in enumerate(col.enc):

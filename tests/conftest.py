@@ -15,7 +15,7 @@ import torch
 from hypothesis import settings
 from torch import nn
 
-from gradbalance.methods import GRAMIAN, Method, StepInputs
+from gradbalance.methods import GRAMIAN, JACOBIAN, Method, StepInputs
 
 settings.register_profile("deterministic", derandomize=True, print_blob=True)
 settings.register_profile("explore", derandomize=False, print_blob=True)
@@ -75,6 +75,18 @@ class GramianOnes(Method):
 
     def weights(self, inputs: StepInputs) -> torch.Tensor:
         assert inputs.gramian is not None
+        return torch.ones(inputs.num_tasks, dtype=torch.float64)
+
+
+class JacobianOnes(Method):
+    """A method that reads the Jacobian, with the default `combine` (``Jᵀw``) and unit weights:
+    its update must match the Gramian path's with the same weights."""
+
+    name = "test-jacobian-ones"
+    requires = frozenset({GRAMIAN, JACOBIAN})
+
+    def weights(self, inputs: StepInputs) -> torch.Tensor:
+        assert inputs.jacobian is not None
         return torch.ones(inputs.num_tasks, dtype=torch.float64)
 
 

@@ -16,8 +16,8 @@ from torch import nn
 
 import gradbalance as gb
 from gradbalance import engine
-from gradbalance.methods import GRAMIAN, JACOBIAN, Method, StepInputs
-from tests.conftest import GramianFixed
+from gradbalance.methods import Method, StepInputs
+from tests.conftest import GramianFixed, JacobianOnes
 from tests.ddp_harness import run_ranks
 
 WORLD = 2
@@ -63,14 +63,6 @@ def shard(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     if world == 1:
         return t
     return t[rank * BATCH : (rank + 1) * BATCH]
-
-
-class JacobianOnes(Method):
-    name = "test-dist-jacobian-ones"
-    requires = frozenset({GRAMIAN, JACOBIAN})
-
-    def weights(self, inputs: StepInputs) -> torch.Tensor:
-        return torch.ones(inputs.num_tasks, dtype=torch.float64)
 
 
 def make_method(name: str) -> Method:

@@ -7,18 +7,7 @@ import torch
 
 import gradbalance as gb
 from gradbalance.methods import GRAMIAN, JACOBIAN, Method, StepInputs
-from tests.conftest import GramianOnes, MultiHeadNet, clone
-
-
-class JacobianOnes(Method):
-    """Default `combine` (``Jᵀw``) with unit weights: must match the Gramian path."""
-
-    name = "test-jacobian-ones"
-    requires = frozenset({GRAMIAN, JACOBIAN})
-
-    def weights(self, inputs: StepInputs) -> torch.Tensor:
-        assert inputs.jacobian is not None
-        return torch.ones(inputs.num_tasks, dtype=torch.float64)
+from tests.conftest import GramianOnes, JacobianOnes, MultiHeadNet, clone
 
 
 class FirstTaskOnly(Method):

@@ -18,16 +18,8 @@ from torch import nn
 
 import gradbalance as gb
 from gradbalance import engine
-from gradbalance.methods import GRAMIAN, JACOBIAN, Method, StepInputs
-from tests.conftest import GramianFixed, MultiHeadNet
-
-
-class JacobianOnes(Method):
-    name = "test-memory-jacobian-ones"
-    requires = frozenset({GRAMIAN, JACOBIAN})
-
-    def weights(self, inputs: StepInputs) -> torch.Tensor:
-        return torch.ones(inputs.num_tasks, dtype=torch.float64)
+from gradbalance.methods import Method
+from tests.conftest import GramianFixed, JacobianOnes, MultiHeadNet
 
 
 def make_method(name: str) -> Method:

@@ -9,7 +9,7 @@ from torch import Tensor
 from gradbalance.methods._common import checked_gramian
 from gradbalance.methods.base import GRAMIAN, LOSSES, Method, StepInputs
 from gradbalance.methods.registry import register
-from gradbalance.solvers.conic import cagrad_weights
+from gradbalance.solvers.cagrad import cagrad_weights
 
 __all__ = ["CAGrad"]
 
@@ -44,7 +44,7 @@ class CAGrad(Method):
 
     ``c = 0`` gives the mean gradient; larger ``c`` moves further towards the min-norm
     (MGDA-like) direction. The dual is solved exactly from the Gramian by
-    `gradbalance.solvers.conic.cagrad_weights` (min-norm subproblems and a root search, in
+    `gradbalance.solvers.cagrad.cagrad_weights` (min-norm subproblems and a root search, in
     float64, with a verified duality gap); see that function for the algorithm.
 
     Scale: the weights do not change when every gradient is multiplied by the same factor

@@ -19,7 +19,7 @@ from gradbalance.methods.base import (
     LOSSES,
     Method,
 )
-from gradbalance.methods.registry import available, get_class
+from gradbalance.methods.registry import available, get_class, normalise
 
 __all__ = ["MethodInfo", "MethodTable", "describe"]
 
@@ -107,9 +107,9 @@ class MethodTable(Sequence[MethodInfo]):
         if isinstance(index, slice):
             return MethodTable(self._rows[index])
         if isinstance(index, str):
-            key = _normalise(index)
+            key = normalise(index)
             for row in self._rows:
-                if _normalise(row.name) == key:
+                if normalise(row.name) == key:
                     return row
             raise KeyError(f"method {index!r} is not in this table")
         return self._rows[index]
@@ -153,10 +153,6 @@ class MethodTable(Sequence[MethodInfo]):
 
     def __repr__(self) -> str:
         return str(self)
-
-
-def _normalise(name: str) -> str:
-    return name.strip().lower().replace("_", "-")
 
 
 def short_citation(paper: str) -> str:

@@ -14,7 +14,7 @@ from gradbalance.errors import SolverError
 from gradbalance.methods._common import checked_gramian
 from gradbalance.methods.base import GRAMIAN, LOSSES, Method, StepInputs
 from gradbalance.methods.registry import register
-from gradbalance.solvers.conic import CVXPY_SOLVERS, nash_bargaining
+from gradbalance.solvers.nash import CVXPY_SOLVERS, nash_bargaining
 
 __all__ = ["NashMTL"]
 
@@ -46,7 +46,7 @@ class NashMTL(Method):
     (``on_failure="warn"``, the official code's behaviour, made loud). There is never a silent
     fallback to equal weights.
 
-    Solvers (`gradbalance.solvers.conic.nash_bargaining`):
+    Solvers (`gradbalance.solvers.nash.nash_bargaining`):
 
     - ``"cvxpy"``: the paper's sequential convex procedure (linearise the concave part
       $\varphi(\alpha) = \sum_i \log\alpha_i + \log(G\alpha)_i$, solve the convex subproblem,
@@ -63,7 +63,7 @@ class NashMTL(Method):
     Both are checked on the residual $\max_i |\alpha_i (G\alpha)_i - 1| \le$ ``tol``, raised
     to the float64 rounding floor of the problem where that is larger (ill-conditioned
     Gramians); the checks are relative to the problem, so tiny gradients or a loss scaled by
-    ``1e-8`` are solved like any other (see `gradbalance.solvers.conic.nash_bargaining`).
+    ``1e-8`` are solved like any other (see `gradbalance.solvers.nash.nash_bargaining`).
 
     Deviations from the official code: ``update_weights_every`` (default 1) reuses the
     weights between updates as the official option does, but the Gramian is still computed

@@ -13,7 +13,8 @@ _REGISTRY: dict[str, type[Method]] = {}
 M = TypeVar("M", bound=type[Method])
 
 
-def _normalise(name: str) -> str:
+def normalise(name: str) -> str:
+    """The registry's key for a method name: case, surrounding blanks and ``_`` vs ``-`` ignored."""
     return name.strip().lower().replace("_", "-")
 
 
@@ -30,7 +31,7 @@ def register(cls: M) -> M:
         raise TypeError(f"only Method subclasses can be registered, got {cls!r}")
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no `name` to register it under")
-    key = _normalise(cls.name)
+    key = normalise(cls.name)
     existing = _REGISTRY.get(key)
     if existing is not None and existing is not cls:
         raise ValueError(f"a method named {cls.name!r} is already registered ({existing!r})")
@@ -54,7 +55,7 @@ def get_class(name: str) -> type[Method]:
     if not isinstance(name, str):
         raise TypeError(f"method name must be a str, got {type(name).__name__}")
     try:
-        return _REGISTRY[_normalise(name)]
+        return _REGISTRY[normalise(name)]
     except KeyError:
         raise ValueError(
             f"unknown method {name!r}; available methods: {', '.join(available())}"

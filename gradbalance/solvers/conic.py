@@ -8,9 +8,6 @@ This module re-exports them for code that imports ``gradbalance.solvers.conic``.
 from __future__ import annotations
 
 from gradbalance.solvers.cagrad import cagrad_weights
-from gradbalance.solvers.nash import CVXPY_SOLVERS, import_cvxpy, nash_bargaining
+from gradbalance.solvers.nash import CVXPY_SOLVERS, nash_bargaining
 
 __all__ = ["CVXPY_SOLVERS", "cagrad_weights", "nash_bargaining"]
-
-#: The former private name of `gradbalance.solvers.nash.import_cvxpy`.
-_cvxpy = import_cvxpy

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import gradbalance as gb
 from gradbalance.methods.cagrad import CAGrad
-from gradbalance.solvers.conic import cagrad_weights
+from gradbalance.solvers.cagrad import cagrad_weights
 from tests.methods.jacobians import (
     HAND_BUILT,
     THREE_AGREE,

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import gradbalance as gb
 from gradbalance.errors import SolverError
 from gradbalance.methods.nash_mtl import NashMTL
-from gradbalance.solvers import conic
+from gradbalance.solvers import nash
 from tests.methods.jacobians import (
     HAND_BUILT,
     THREE_CONFLICT,
@@ -142,7 +142,7 @@ def test_auto_picks_cvxpy_when_installed_and_newton_without(monkeypatch):
 def test_missing_cvxpy_import_names_the_extra(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "cvxpy", None)
     with pytest.raises(ImportError, match="solver='newton'"):
-        conic._cvxpy()
+        nash.import_cvxpy()
 
 
 @settings(max_examples=40, deadline=None)

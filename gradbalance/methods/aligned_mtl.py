@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from gradbalance.errors import OptionError
 from gradbalance.methods._common import checked_gramian
 from gradbalance.methods.base import GRAMIAN, LOSSES, Method, StepInputs
 from gradbalance.methods.registry import register
@@ -28,7 +29,7 @@ def balance_transformation(gramian: Tensor, scale: str = "min") -> Tensor:
     equal norms. A zero Gramian gives the identity.
     """
     if scale not in _SCALES:
-        raise ValueError(f"scale must be one of {_SCALES}, got {scale!r}")
+        raise OptionError(f"scale must be one of {_SCALES}, got {scale!r}")
     k = gramian.shape[-1]
     lam, vec = torch.linalg.eigh(gramian)
     top = lam.max()
@@ -103,13 +104,13 @@ class AlignedMTL(Method):
     def __init__(self, scale: str = "min", pref: Sequence[float] | Tensor | None = None) -> None:
         super().__init__()
         if scale not in _SCALES:
-            raise ValueError(f"scale must be one of {_SCALES}, got {scale!r}")
+            raise OptionError(f"scale must be one of {_SCALES}, got {scale!r}")
         self.scale = scale
         self.pref: list[float] | None = None
         if pref is not None:
             values = [float(x) for x in (pref.tolist() if isinstance(pref, Tensor) else pref)]
             if not values or any(not math.isfinite(x) or x < 0 for x in values):
-                raise ValueError(f"pref must be non-negative finite numbers, got {pref!r}")
+                raise OptionError(f"pref must be non-negative finite numbers, got {pref!r}")
             self.pref = values
 
     def weights(self, inputs: StepInputs) -> Tensor:

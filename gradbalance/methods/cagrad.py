@@ -6,6 +6,7 @@ import math
 
 from torch import Tensor
 
+from gradbalance.errors import OptionError
 from gradbalance.methods._common import checked_gramian
 from gradbalance.methods.base import GRAMIAN, LOSSES, Method, StepInputs
 from gradbalance.methods.registry import register
@@ -89,9 +90,9 @@ class CAGrad(Method):
         super().__init__()
         cc = float(c)
         if not math.isfinite(cc) or cc < 0:
-            raise ValueError(f"c must be a finite non-negative number, got {c!r}")
+            raise OptionError(f"c must be a finite non-negative number, got {c!r}")
         if isinstance(rescale, bool) or rescale not in _RESCALES:
-            raise ValueError(f"rescale must be one of {_RESCALES}, got {rescale!r}")
+            raise OptionError(f"rescale must be one of {_RESCALES}, got {rescale!r}")
         self.c = cc
         self.rescale = int(rescale)
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradbalance.errors import LossError
+from gradbalance.errors import LossError, OptionError
 from gradbalance.methods._common import join_repr
 from gradbalance.methods._inner_optim import adam_direction, check_options
 from gradbalance.methods._options import finite_float, per_task
@@ -129,7 +129,7 @@ class FAMO(Method):
         kind, rate, betas_, eps_ = check_options("logit_optimizer", logit_optimizer, lr, betas, eps)
         decay = float(gamma)
         if not math.isfinite(decay) or decay < 0:
-            raise ValueError(f"gamma must be a finite non-negative number, got {gamma!r}")
+            raise OptionError(f"gamma must be a finite non-negative number, got {gamma!r}")
         if isinstance(min_losses, (int, float)):
             finite_float(min_losses)
         self.lr = rate

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gradbalance.errors import OptionError, OptionTypeError
 from gradbalance.methods._common import Seeded, join_repr, step_torch_seed
 from gradbalance.methods._options import per_task
 from gradbalance.methods.base import GRAMIAN, JACOBIAN, LOSSES, StepInputs
@@ -20,7 +21,7 @@ __all__ = ["GradDrop"]
 def _leak(value: Any) -> float:
     x = float(value)
     if not (math.isfinite(x) and 0.0 <= x <= 1.0):
-        raise ValueError(f"leak must lie in [0, 1], got {value!r}")
+        raise OptionError(f"leak must lie in [0, 1], got {value!r}")
     return x
 
 
@@ -120,7 +121,7 @@ class GradDrop(Seeded):
         if isinstance(leak, (int, float)):
             _leak(leak)
         if not isinstance(sum_batch, bool):
-            raise TypeError(f"sum_batch must be a bool, got {type(sum_batch).__name__}")
+            raise OptionTypeError(f"sum_batch must be a bool, got {type(sum_batch).__name__}")
         super().__init__(seed)
         self._leak_spec = leak
         self._leaks: list[float] = []

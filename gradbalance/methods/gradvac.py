@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor
 
+from gradbalance.errors import OptionError
 from gradbalance.methods._common import SeededOrders, checked_gramian, join_repr
 from gradbalance.methods.base import GRAMIAN, LOSSES, StepInputs
 from gradbalance.methods.registry import register
@@ -149,10 +150,10 @@ class GradVac(SeededOrders):
         super().__init__(seed)
         b = float(beta)
         if not (0.0 <= b <= 1.0):
-            raise ValueError(f"beta must lie in [0, 1], got {beta!r}")
+            raise OptionError(f"beta must lie in [0, 1], got {beta!r}")
         e = float(eps)
         if not math.isfinite(e) or e < 0:
-            raise ValueError(f"eps must be a finite non-negative number, got {eps!r}")
+            raise OptionError(f"eps must be a finite non-negative number, got {eps!r}")
         self.beta = b
         self.eps = e
 

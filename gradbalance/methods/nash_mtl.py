@@ -10,7 +10,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from gradbalance.errors import SolverError
+from gradbalance.errors import OptionError, SolverError
 from gradbalance.methods._common import checked_gramian
 from gradbalance.methods.base import GRAMIAN, LOSSES, Method, StepInputs
 from gradbalance.methods.registry import register
@@ -121,25 +121,25 @@ class NashMTL(Method):
     ) -> None:
         super().__init__()
         if solver not in _SOLVERS:
-            raise ValueError(f"solver must be one of {_SOLVERS}, got {solver!r}")
+            raise OptionError(f"solver must be one of {_SOLVERS}, got {solver!r}")
         if cvxpy_solver not in CVXPY_SOLVERS:
-            raise ValueError(f"cvxpy_solver must be one of {CVXPY_SOLVERS}, got {cvxpy_solver!r}")
+            raise OptionError(f"cvxpy_solver must be one of {CVXPY_SOLVERS}, got {cvxpy_solver!r}")
         if (
             isinstance(update_weights_every, bool)
             or not isinstance(update_weights_every, int)
             or update_weights_every < 1
         ):
-            raise ValueError(
+            raise OptionError(
                 f"update_weights_every must be a positive int, got {update_weights_every!r}"
             )
         if max_iter is not None and (
             isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1
         ):
-            raise ValueError(f"max_iter must be a positive int or None, got {max_iter!r}")
+            raise OptionError(f"max_iter must be a positive int or None, got {max_iter!r}")
         if tol is not None and not (math.isfinite(float(tol)) and float(tol) > 0):
-            raise ValueError(f"tol must be a positive number or None, got {tol!r}")
+            raise OptionError(f"tol must be a positive number or None, got {tol!r}")
         if on_failure not in _ON_FAILURE:
-            raise ValueError(f"on_failure must be one of {_ON_FAILURE}, got {on_failure!r}")
+            raise OptionError(f"on_failure must be one of {_ON_FAILURE}, got {on_failure!r}")
         if solver == "auto":
             solver = "cvxpy" if importlib.util.find_spec("cvxpy") is not None else "newton"
             logger.info("Nash-MTL: solver='auto' uses %r", solver)

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gradbalance.errors import OptionError
 from gradbalance.methods._common import Seeded, join_repr, step_rng
 from gradbalance.methods.base import LOSSES, StepInputs
 from gradbalance.methods.registry import register
@@ -80,10 +81,10 @@ class RLW(Seeded):
         seed: int | None = None,
     ) -> None:
         if not isinstance(distribution, str) or distribution.lower() not in _DISTRIBUTIONS:
-            raise ValueError(f"distribution must be one of {_DISTRIBUTIONS}, got {distribution!r}")
+            raise OptionError(f"distribution must be one of {_DISTRIBUTIONS}, got {distribution!r}")
         alpha = float(concentration)
         if not math.isfinite(alpha) or alpha <= 0:
-            raise ValueError(
+            raise OptionError(
                 f"concentration must be a positive finite number, got {concentration!r}"
             )
         super().__init__(seed)

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from gradbalance.errors import OptionError
 from gradbalance.methods._common import checked_gramian
 from gradbalance.methods.base import GRAMIAN, LOSSES, Method, StepInputs
 from gradbalance.methods.registry import register
@@ -94,10 +95,10 @@ class UPGrad(Method):
         if pref is not None:
             values = [float(x) for x in (pref.tolist() if isinstance(pref, Tensor) else pref)]
             if not values or any(not math.isfinite(x) or x < 0 for x in values):
-                raise ValueError(f"pref must be non-negative finite numbers, got {pref!r}")
+                raise OptionError(f"pref must be non-negative finite numbers, got {pref!r}")
             self.pref = values
         if not (isinstance(tol, (int, float)) and tol >= 0):
-            raise ValueError(f"tol must be a non-negative number, got {tol!r}")
+            raise OptionError(f"tol must be a non-negative number, got {tol!r}")
         self.tol = float(tol)
 
     def weights(self, inputs: StepInputs) -> Tensor:

@@ -10,7 +10,23 @@ import pytest
 import torch
 
 import gradbalance as gb
-from gradbalance.methods import DTP, DWA, MGDA, Fixed, GradNorm, MoCo, Uncertainty
+from gradbalance.methods import (
+    DTP,
+    DWA,
+    FAMO,
+    MGDA,
+    RLW,
+    AlignedMTL,
+    CAGrad,
+    Fixed,
+    GradDrop,
+    GradNorm,
+    GradVac,
+    MoCo,
+    NashMTL,
+    Uncertainty,
+    UPGrad,
+)
 from gradbalance.methods._inner_optim import check_options
 from gradbalance.methods._options import check_group_options, finite_float, per_task
 
@@ -43,6 +59,24 @@ VALUE_CASES = [
     (lambda: MoCo(gamma=0.0), "gamma"),
     (lambda: MoCo(rho=-1.0), "rho"),
     (lambda: MGDA(normalization="l1"), "normalization"),
+    (lambda: AlignedMTL(scale="max"), "scale"),
+    (lambda: AlignedMTL(pref=[1.0, -1.0]), "pref"),
+    (lambda: CAGrad(c=-0.5), "c must"),
+    (lambda: CAGrad(rescale=3), "rescale"),
+    (lambda: FAMO(gamma=math.inf), "gamma"),
+    (lambda: GradDrop(leak=1.5), "leak"),
+    (lambda: GradVac(beta=2.0), "beta"),
+    (lambda: GradVac(eps=-1.0), "eps"),
+    (lambda: NashMTL(solver="simplex"), "solver"),
+    (lambda: NashMTL(cvxpy_solver="ECOS"), "cvxpy_solver"),
+    (lambda: NashMTL(update_weights_every=0), "update_weights_every"),
+    (lambda: NashMTL(max_iter=0), "max_iter"),
+    (lambda: NashMTL(tol=0.0), "tol"),
+    (lambda: NashMTL(on_failure="ignore"), "on_failure"),
+    (lambda: RLW(distribution="cauchy"), "distribution"),
+    (lambda: RLW(concentration=0.0), "concentration"),
+    (lambda: UPGrad(pref=[]), "pref"),
+    (lambda: UPGrad(tol=-1.0), "tol"),
     (lambda: per_task([1.0], TASKS, "gamma", float), "gamma"),
     (lambda: finite_float(math.nan), "finite"),
     (lambda: check_group_options(0.0, 0.0), "lr"),
@@ -63,6 +97,7 @@ def test_option_errors_are_gradbalance_value_errors(make, match):
     [
         (lambda: Fixed("1, 2"), "sequence"),
         (lambda: MoCo(normalize=1), "normalize"),
+        (lambda: GradDrop(sum_batch=1), "sum_batch"),
     ],
 )
 def test_option_type_errors_are_gradbalance_type_errors(make, match):

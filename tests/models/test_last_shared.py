@@ -80,3 +80,16 @@ def test_soft_sharing_columns_are_balanced(name):
     assert any(id(p) in depth_column for p in shared)
     for p, g in zip(shared, seg):
         torch.testing.assert_close(p.grad, g)
+
+
+def test_padnet_auto_adds_the_initial_branches_to_the_shared_encoder():
+    # distillation feeds every initial branch to every other main task: shared="auto" balances
+    # the branches too, while shared_parameters() stays the hard-shared encoder (MGDA-UB's)
+    model = build("pad-net", TWO_TASKS)
+    opt = gb.GradBalancer(torch.optim.SGD(model.parameters(), lr=0.01), "equal", shared="auto")
+    opt.zero_grad()
+    opt.backward(task_losses(model, inputs("pad-net")))
+    branches = _ids(model.initial.parameters())
+    assert _ids(opt.shared_parameters) == _ids(model.shared_parameters()) | branches
+    assert not _ids(model.shared_parameters()) & branches
+

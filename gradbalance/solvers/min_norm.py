@@ -17,6 +17,7 @@ algorithm; each algorithm has its own module:
 - `gradbalance.solvers.small`: one Gramian on CPU with ``3 <= K <= 24``, a verified NumPy path;
 - `gradbalance.solvers.supports`: every support at once for ``3 <= K <= 8``;
 - `gradbalance.solvers.pivoting`: block principal pivoting with an active-set finish, beyond.
+- `gradbalance.solvers.frank_wolfe`: ``method="frank-wolfe"``, the published (inexact) solver.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from torch import Tensor
 
 from gradbalance.errors import NonFiniteError
 from gradbalance.solvers._threads import cpu_single_thread, is_compiling
+from gradbalance.solvers.frank_wolfe import MAX_ITER, frank_wolfe
 from gradbalance.solvers.jacobi import jacobi_scale, weights_from
 from gradbalance.solvers.pivoting import default_max_iter, resolve_flags, solve_nnqp
 from gradbalance.solvers.small import SMALL_MAX_K, min_norm_small
@@ -37,6 +39,8 @@ from gradbalance.solvers.supports import ENUM_MAX_K, solve_supports
 from gradbalance.solvers.two_tasks import first_weight, first_weight_gap, two_task_weights
 
 __all__ = ["min_norm", "min_norm_gap"]
+
+Method = Literal["exact", "frank-wolfe"]
 
 _NONFINITE = (
     "min_norm received a Gramian with NaN or infinite entries; a task loss or gradient is not "
@@ -48,13 +52,14 @@ def min_norm_gap(G: Tensor, w: Tensor) -> Tensor:
     r"""Frank-Wolfe duality gap of weights ``w`` for the min-norm problem of ``G``.
 
     $$
-    \operatorname{gap}(w) = w^\top G w - \min_i (G w)_i \;\ge\; w^\top G w - \min_{v \in
-    \Delta} v^\top G v \;\ge\; 0 ,
+    \operatorname{gap}(w) = w^\top G w - \min_i (G w)_i \;\ge\; \tfrac12 \Big(w^\top G w -
+    \min_{v \in \Delta} v^\top G v\Big) \;\ge\; 0 ,
     $$
 
-    an upper bound on the suboptimality of ``w`` (for ``w`` on the simplex and ``G`` positive
-    semi-definite), zero exactly at the optimum. It is the KKT condition
-    $(Gw)_i \ge w^\top G w$ with equality on the support, in one number.
+    so twice the gap bounds the suboptimality of ``w`` (for ``w`` on the simplex and ``G``
+    positive semi-definite: ``2 gap`` is the largest decrease of the linearised objective over
+    the simplex, since the gradient of ``wᵀGw`` is ``2Gw``), zero exactly at the optimum. It is
+    the KKT condition $(Gw)_i \ge w^\top G w$ with equality on the support, in one number.
 
     Args:
         G: ``(..., K, K)`` Gramians.
@@ -105,6 +110,7 @@ def min_norm(
     return_gap: Literal[False] = ...,
     early_exit: bool | None = ...,
     check_finite: bool | None = ...,
+    method: Method = ...,
 ) -> Tensor: ...
 
 
@@ -117,6 +123,7 @@ def min_norm(
     return_gap: Literal[True],
     early_exit: bool | None = ...,
     check_finite: bool | None = ...,
+    method: Method = ...,
 ) -> tuple[Tensor, Tensor]: ...
 
 
@@ -129,6 +136,7 @@ def min_norm(
     return_gap: bool = False,
     early_exit: bool | None = None,
     check_finite: bool | None = None,
+    method: Method = "exact",
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""Minimum-norm point of the convex hull of the task gradients, from their Gramian.
 
@@ -188,12 +196,18 @@ def min_norm(
         check_finite: raise `gradbalance.errors.NonFiniteError` if ``G`` has NaN or
             infinite entries. Default: on CPU in eager mode only; elsewhere non-finite input
             yields NaN weights (no synchronisation is spent on the check).
+        method: ``"exact"`` (default: everything above) or ``"frank-wolfe"``: the published
+            Frank-Wolfe solver of Sener & Koltun (`gradbalance.solvers.frank_wolfe`: best-pair
+            start, stop when the weights change by less than ``1e-5`` in L1 norm or after
+            ``max_iter`` iterations, default 250), for reproducing papers; not exact (``tol``
+            does not apply, no warning when the cap fires), computed in the input dtype (float32
+            for lower precisions), on CUDA by a Triton kernel when Triton is importable.
 
     Returns:
         Weights of shape ``(..., K)`` on the simplex, in the dtype and on the device of ``G``
         (computed in float64 whatever the input dtype). With ``return_gap=True``, the pair
         ``(weights, gap)`` where ``gap`` (float64, shape ``(...)``, units of ``G``) is
-        $w^\top G w - \min_i (Gw)_i \ge f(w) - f^\star$, at most ``tol * max(diag G)``
+        $w^\top G w - \min_i (Gw)_i \ge (f(w) - f^\star) / 2$, at most ``tol * max(diag G)``
         for a converged problem (up to rounding).
 
     Raises:
@@ -226,6 +240,8 @@ def min_norm(
         )
     if not G.is_floating_point():
         raise TypeError(f"min_norm expects a floating-point Gramian, got {G.dtype}")
+    if method not in ("exact", "frank-wolfe"):
+        raise ValueError(f"method must be 'exact' or 'frank-wolfe', got {method!r}")
     if not tol >= 0:
         raise ValueError(f"tol must be a non-negative number, got {tol}")
     k = G.shape[-1]
@@ -234,6 +250,11 @@ def min_norm(
         raise ValueError(f"max_iter must be non-negative, got {max_iter}")
     early, check = resolve_flags(G.device, early_exit, check_finite)
     G = G.detach()
+    if method == "frank-wolfe":
+        if check and not bool(torch.isfinite(G).all()):
+            raise NonFiniteError(_NONFINITE)
+        fw, _, fw_gap = frank_wolfe(G, max_iter=MAX_ITER if max_iter is None else iters)
+        return (fw, fw_gap.to(torch.float64)) if return_gap else fw
     if k == 2 and G.dim() == 2 and G.device.type == "cpu" and not is_compiling():
         # one two-task problem on CPU: the same closed form on Python floats (no tensor op
         # dispatch, no device involved); this is the most common MTL case

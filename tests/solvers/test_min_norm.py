@@ -55,7 +55,7 @@ def test_exact_against_cvxpy(case):
     assert w.dtype == g.dtype and w.shape == g.shape[:1]
     assert_on_simplex(w)
     scale = g.diagonal().max().item()
-    # our own certificate: the duality gap bounds the suboptimality
+    # our own certificate: twice the duality gap bounds the suboptimality
     assert gap.item() <= EXACT * scale, (family, gap.item() / scale)
     assert abs(gap.item() - min_norm_gap(g, w).item()) <= 1e-12 * scale
     # the independent reference: never worse than cvxpy (up to the goal's tolerance)

@@ -21,7 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["LossGraph", "last_layer", "reaches", "walk"]
+from gradbalance._torch_compat import saves_sparse_gradient
+
+__all__ = ["LossGraph", "last_layer", "reaches", "sparse_gradient_leaves", "walk"]
 
 
 def _accumulate_type() -> type | None:
@@ -112,6 +114,33 @@ class LossGraph:
                 children = tuple(dict.fromkeys(c for c, _ in edges if c is not None))
             self._children[node] = children
         return children
+
+
+def sparse_gradient_leaves(losses: Sequence[Tensor]) -> set[int]:
+    """The ``id``s of the leaf tensors that an operation with sparse gradients (an
+    ``nn.Embedding(sparse=True)``) feeds directly, in the graphs of ``losses``.
+
+    Reads only node attributes, which outlive a freed graph: usable after a failed backward, to
+    explain it.
+    """
+    found: set[int] = set()
+    roots = [loss.grad_fn for loss in losses if loss.grad_fn is not None]
+    seen = set(roots)
+    stack = list(roots)
+    while stack:
+        node = stack.pop()
+        sparse = saves_sparse_gradient(node)
+        for child, _ in node.next_functions:
+            if child is None or child in seen:
+                continue
+            seen.add(child)
+            variable = _leaf(child)
+            if variable is not None:
+                if sparse:
+                    found.add(id(variable))
+            else:
+                stack.append(child)
+    return found
 
 
 def walk(losses: Sequence[Tensor]) -> LossGraph:

@@ -28,7 +28,6 @@ from gradbalance._torch_compat import (
     fused_nonfinite_flag,
     module_restore,
     module_snapshot,
-    saves_sparse_gradient,
 )
 from gradbalance.errors import (
     GradBalanceError,
@@ -62,10 +61,6 @@ _CONSUMED = "gradbalance.consumed"
 def _node_metadata(node: Any) -> dict[str, Any]:
     """An autograd node's ``metadata`` dict (public API; torch's stubs type it as a method)."""
     return node.metadata
-
-
-def _describe(t: Tensor, index: int, kind: str) -> str:
-    return f"{kind} parameter #{index} (shape {tuple(t.shape)})"
 
 
 def _check_reached(
@@ -165,33 +160,6 @@ def _all_finite(tensors: Iterable[Tensor | None]) -> bool:
             found = torch.stack([torch.isfinite(t).all().logical_not() for t in group]).any()
         flags.append(found.reshape(()).to(torch.float32).cpu())
     return not bool(torch.stack(flags).any())
-
-
-def _sparse_gradient_params(losses: Sequence[Tensor], params: Sequence[Tensor]) -> list[int]:
-    """The indices of ``params`` that an embedding with ``sparse=True`` feeds directly.
-
-    Walks the autograd graph of ``losses`` (node attributes outlive a freed graph); only called
-    after an engine failed, to explain it.
-    """
-    position = {id(p): i for i, p in enumerate(params)}
-    found: set[int] = set()
-    stack = [loss.grad_fn for loss in losses if loss.grad_fn is not None]
-    seen: dict[int, Any] = {}  # keeps the visited node objects alive, so their ids stay unique
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen[id(node)] = node
-        sparse = saves_sparse_gradient(node)
-        for child, _ in node.next_functions:
-            if child is None:
-                continue
-            if sparse:
-                variable = getattr(child, "variable", None)
-                if variable is not None and id(variable) in position:
-                    found.add(position[id(variable)])
-            stack.append(child)
-    return sorted(found)
 
 
 class GradBalancer(Optimizer):
@@ -1092,9 +1060,10 @@ class GradBalancer(Optimizer):
         if not self.method.is_gradient_method() or self._strategy == "representation":
             return
         shared = self._shared
-        sparse = _sparse_gradient_params(loss_list, shared)
-        if sparse:
-            names = ", ".join(_describe(shared[i], i, "shared") for i in sparse)
+        sparse = _graph.sparse_gradient_leaves(loss_list)
+        named = [self._label(p) for p in shared if id(p) in sparse]
+        if named:
+            names = ", ".join(named)
             raise GradBalanceError(
                 f"{names} receives sparse gradients (nn.Embedding(sparse=True)?), but method "
                 f"{self.method.name!r} needs the dense per-task gradients of the shared "
@@ -1103,13 +1072,15 @@ class GradBalancer(Optimizer):
             ) from exc
         if self._strategy == "batched":
             shared_ids = {id(p) for p in shared}
-            others = [p for p in self._optimizer_params() if id(p) not in shared_ids]
-            sparse = _sparse_gradient_params(loss_list, others)
-            if sparse:
+            others = [
+                self._label(p)
+                for p in self._optimizer_params()
+                if id(p) not in shared_ids and id(p) in sparse
+            ]
+            if others:
                 raise GradBalanceError(
-                    f"{len(sparse)} task-specific parameter(s) (the first of shape "
-                    f"{tuple(others[sparse[0]].shape)}) receive sparse gradients, which "
-                    "engine='batched' (vmap) cannot compute; use engine='loop' or 'auto'"
+                    f"{', '.join(others)} receive(s) sparse gradients, which engine='batched' "
+                    "(vmap) cannot compute; use engine='loop' or 'auto'"
                 ) from exc
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

@@ -469,3 +469,14 @@ def test_a_shared_sparse_parameter_under_a_gradient_method_is_named():
     with pytest.raises(GradBalanceError, match=r"shared parameter #0 \(shape \(10, 4\)\).*sparse"):
         opt.backward(net.losses(torch.arange(8)))
     assert all(p.grad is None for p in net.parameters())
+
+
+def test_task_specific_sparse_parameters_under_the_batched_engine_are_named():
+    net = SparseNet()
+    named = [(n, p) for n, p in net.named_parameters()]
+    opt = gb.GradBalancer(
+        torch.optim.SGD(named, lr=0.1), "mgda", shared=net.shared(), engine="batched"
+    )
+    with pytest.raises(GradBalanceError, match=r"'head_emb\.0\.weight'.*engine='batched'"):
+        opt.backward(net.losses(torch.arange(8)))
+    assert all(p.grad is None for p in net.parameters())

@@ -52,7 +52,7 @@ def model_name(value: str) -> str:
         return models.describe(value).name
     except (ValueError, TypeError):
         raise argparse.ArgumentTypeError(
-            f"unknown model {value!r}; choose from: {', '.join(models.list())}"
+            f"unknown model {value!r}; choose from: {', '.join(models.available())}"
         ) from None
 
 

@@ -26,6 +26,15 @@ def _threads_option(p: argparse.ArgumentParser, default: int | None = None) -> N
     p.add_argument("--threads", type=options.thread_count, default=default, help=text)
 
 
+def _run_options(
+    p: argparse.ArgumentParser, seed_help: str, threads_default: int | None = None
+) -> None:
+    """The options every training command shares: ``--seed``, ``--no-progress``, ``--threads``."""
+    p.add_argument("--seed", type=options.seed, default=0, help=seed_help)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _threads_option(p, default=threads_default)
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
@@ -57,14 +66,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out", type=Path, default=Path("gradbalance-demo"), help="default ./gradbalance-demo"
     )
-    p.add_argument(
-        "--seed",
-        type=options.seed,
-        default=0,
-        help="data, initialisation and shuffle seed (0 to 2**64-1)",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _threads_option(p, default=1)
+    _run_options(p, "data, initialisation and shuffle seed (0 to 2**64-1)", threads_default=1)
     p.set_defaults(run=demo.run, subparser=p)
 
 
@@ -123,9 +125,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--quick", action="store_true", help="a few seconds: tiny data, 1 epoch")
     p.add_argument("--out", type=Path, help="default ./gradbalance-runs/<data>-<model>-<method>")
-    p.add_argument("--seed", type=options.seed, default=0, help="0 to 2**64-1")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _threads_option(p)
+    _run_options(p, "0 to 2**64-1")
     p.set_defaults(run=train.run, subparser=p)
 
 

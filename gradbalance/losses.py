@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from gradbalance.tasks import task_loss
 
 __all__ = [
+    "check_tensors",
     "classification_loss",
     "depth_loss",
     "focal_loss",
@@ -38,7 +39,9 @@ __all__ = [
 ]
 
 
-def _check_tensors(name: str, pred: Any, target: Any) -> None:
+def check_tensors(name: str, pred: Any, target: Any) -> None:
+    """Raise ``TypeError`` naming ``name`` unless ``pred`` and ``target`` are tensors (the check
+    every loss and metric starts with)."""
     if not isinstance(pred, Tensor) or not isinstance(target, Tensor):
         raise TypeError(
             f"{name}: pred and target must be tensors, got {type(pred).__name__} and "
@@ -48,7 +51,7 @@ def _check_tensors(name: str, pred: Any, target: Any) -> None:
 
 def _dense_target(name: str, pred: Tensor, target: Tensor) -> Tensor:
     """Give a ``(B, H, W)`` target the channel dimension of a ``(B, C, H, W)`` prediction."""
-    _check_tensors(name, pred, target)
+    check_tensors(name, pred, target)
     if pred.dim() != 4:
         raise ValueError(f"{name}: pred must be (B, C, H, W), got {tuple(pred.shape)}")
     if target.dim() == 3:
@@ -81,7 +84,7 @@ def segmentation_loss(pred: Tensor, target: Tensor, ignore_index: int = -1) -> T
         >>> round(float(segmentation_loss(logits, torch.tensor([[[0, -1]]]))), 4)  # log 2
         0.6931
     """
-    _check_tensors("segmentation_loss", pred, target)
+    check_tensors("segmentation_loss", pred, target)
     if pred.dim() != 4 or target.dim() != 3:
         raise ValueError(
             "segmentation_loss expects logits (B, C, H, W) and labels (B, H, W), got "
@@ -125,7 +128,7 @@ def normal_loss(pred: Tensor, target: Tensor, eps: float = 1e-8) -> Tensor:
         >>> float(normal_loss(pred, target))  # one valid pixel, at 90 degrees
         1.0
     """
-    _check_tensors("normal_loss", pred, target)
+    check_tensors("normal_loss", pred, target)
     if pred.shape != target.shape or pred.dim() != 4:
         raise ValueError(
             f"normal_loss expects pred and target of the same shape (B, 3, H, W), got "
@@ -138,13 +141,13 @@ def normal_loss(pred: Tensor, target: Tensor, eps: float = 1e-8) -> Tensor:
 
 def classification_loss(pred: Tensor, target: Tensor, ignore_index: int = -1) -> Tensor:
     """Cross-entropy on logits ``(B, C)`` and labels ``(B,)``, ignoring ``ignore_index``."""
-    _check_tensors("classification_loss", pred, target)
+    check_tensors("classification_loss", pred, target)
     return _masked_ce(pred, target.long(), ignore_index)
 
 
 def regression_loss(pred: Tensor, target: Tensor) -> Tensor:
     """Mean squared error; a ``(B,)`` target is matched to a ``(B, 1)`` prediction."""
-    _check_tensors("regression_loss", pred, target)
+    check_tensors("regression_loss", pred, target)
     if target.dim() == pred.dim() - 1 and pred.shape[-1] == 1:
         target = target.unsqueeze(-1)
     if target.shape != pred.shape:
@@ -179,7 +182,7 @@ def focal_loss(
         >>> round(float(focal_loss(logits, torch.tensor([0]), gamma=2.0)), 4)  # 0.25 * log 2
         0.1733
     """
-    _check_tensors("focal_loss", pred, target)
+    check_tensors("focal_loss", pred, target)
     if gamma < 0:
         raise ValueError(f"gamma must be non-negative, got {gamma}")
     if reduction not in ("mean", "sum", "none"):

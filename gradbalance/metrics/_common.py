@@ -6,18 +6,12 @@ from typing import Any
 
 from torch import Tensor
 
+from gradbalance.losses import check_tensors
+
 __all__ = ["as_labels", "check_tensors"]
 
 #: A metric accumulator: ``update(pred, target)``, ``compute()``, ``reset()``.
 Metric = Any
-
-
-def check_tensors(name: str, pred: Any, target: Any) -> None:
-    if not isinstance(pred, Tensor) or not isinstance(target, Tensor):
-        raise TypeError(
-            f"{name}: pred and target must be tensors, got {type(pred).__name__} and "
-            f"{type(target).__name__}"
-        )
 
 
 def as_labels(pred: Tensor, target: Tensor, name: str) -> Tensor:

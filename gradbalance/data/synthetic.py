@@ -40,7 +40,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from gradbalance.data.dense import TASKS, _check_tasks
+from gradbalance.data.augment import TASKS
+from gradbalance.data.npy_scenes import _check_tasks
 
 __all__ = ["SHAPES", "SyntheticScenes"]
 

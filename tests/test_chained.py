@@ -47,7 +47,7 @@ def test_chained_matches_loop(kind, batched):
 
 @pytest.mark.parametrize("batched", [True, False])
 def test_chained_matches_loop_with_many_shared_tensors(batched):
-    # 24 shared tensors: the rows are held as one (K, P) matrix (engine._FLAT_MIN_TENSORS)
+    # 24 shared tensors: the rows are held as one (K, P) matrix (engine.result.FLAT_MIN_TENSORS)
     torch.manual_seed(0)
     trunk = nn.Sequential(*[nn.Sequential(nn.Linear(4, 4), nn.Tanh()) for _ in range(12)])
     heads = nn.ModuleList(nn.Linear(4, 1) for _ in range(3))
@@ -55,7 +55,7 @@ def test_chained_matches_loop_with_many_shared_tensors(batched):
     z = trunk(x)
     losses = [h(z).pow(2).mean() * (i + 1) for i, h in enumerate(heads)]
     shared, others = list(trunk.parameters()), list(heads.parameters())
-    assert len(shared) >= engine._FLAT_MIN_TENSORS
+    assert len(shared) >= engine.result.FLAT_MIN_TENSORS
     ref = engine.task_gradients(losses, shared, others, strategy="loop", retain_graph=True)
     tg = engine.chained_gradients(losses, [z], shared, others, retain_graph=True, batched=batched)
     assert tg is not None and tg.flat is not None
@@ -144,7 +144,7 @@ def test_chained_falls_back_to_the_loop_when_heads_read_the_trunk(caplog):
     base = Tied("mlp")
     loop, chained = copy.deepcopy(base), copy.deepcopy(base)
     _run(loop, "loop")
-    with caplog.at_level("WARNING", logger="gradbalance.balancer"):
+    with caplog.at_level("WARNING", logger="gradbalance.engine"):
         opt = _run(chained, "chained")
     assert opt.engine == "loop"
     assert "chained" in caplog.text
@@ -246,5 +246,5 @@ def test_deterministic_mode_skips_the_timing_and_keeps_the_vmapped_trunk():
     finally:
         torch.use_deterministic_algorithms(before)
     assert opt.engine == "chained"
-    assert opt._chained_batched is True
-    assert opt._chained_timing is None
+    assert opt._engines.chained_batched is True
+    assert opt._engines.chained_timing is None

@@ -120,7 +120,7 @@ def test_probe_falls_back_to_loop_when_vmap_fails(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("vmap: no batching rule")
 
-    monkeypatch.setattr(engine, "_batched", broken)
+    monkeypatch.setattr(engine.batched, "batched_gradients", broken)
     w = torch.tensor([1.0, 2.0], requires_grad=True)
     losses = [w.sum(), (w**2).sum()]
     tg, strategy = engine.probe_batched(losses, [w], [], retain_graph=False)
@@ -179,10 +179,13 @@ def test_loop_flat_jacobian_matches_per_tensor_rows():
         if c is not None:
             assert c.shape == e.shape
             torch.testing.assert_close(c, e)
-    # replacing the rows (as the distributed path does) drops the flat matrix
-    tg.rows = [None if r is None else 2 * r for r in rows]
-    assert tg.flat is None
-    torch.testing.assert_close(tg.gramian(3), 4 * engine.gramian(expected, 3))
+    # results are immutable: new rows (as the distributed path averages them) make a new
+    # result, without the flat matrix
+    with pytest.raises(AttributeError, match="immutable"):
+        tg.rows = rows  # type: ignore[misc]
+    doubled = tg.with_rows([None if r is None else 2 * r for r in rows])
+    assert doubled.flat is None and tg.flat is not None
+    torch.testing.assert_close(doubled.gramian(3), 4 * engine.gramian(expected, 3))
 
 
 def test_loop_falls_back_to_stacks_for_mixed_dtypes():

@@ -12,7 +12,7 @@ from torch import nn
 
 import gradbalance as gb
 from gradbalance import _linalg, _torch_compat, engine
-from gradbalance import balancer as balancer_module
+from gradbalance.balancer import guards
 
 
 def test_the_engine_reexports_the_linear_algebra():
@@ -46,12 +46,12 @@ def test_nonfinite_check_without_the_fused_kernel(monkeypatch, bad):
     tensors = [torch.randn(3), expanded, torch.randn(4, dtype=torch.float64)]
     if bad:
         tensors[2][1] = float("inf")
-    fused = balancer_module._all_finite(tensors)
+    fused = guards.all_finite(tensors)
     monkeypatch.setattr(_torch_compat, "_FUSED_NONFINITE_CHECK", None)
-    monkeypatch.setattr(balancer_module, "HAS_FUSED_NONFINITE_CHECK", False)
+    monkeypatch.setattr(guards, "HAS_FUSED_NONFINITE_CHECK", False)
     with pytest.raises(NotImplementedError):
         _torch_compat.fused_nonfinite_flag(tensors)
-    assert balancer_module._all_finite(tensors) == fused == (not bad)
+    assert guards.all_finite(tensors) == fused == (not bad)
 
 
 def test_module_snapshot_undoes_registrations():
@@ -84,6 +84,6 @@ def test_a_balancer_steps_the_same_without_any_private_entry_point(monkeypatch):
     with_private = run()
     for name in ("_FLATTEN", "_UNFLATTEN", "_RUN_BACKWARD", "_FUSED_NONFINITE_CHECK"):
         monkeypatch.setattr(_torch_compat, name, None)
-    monkeypatch.setattr(balancer_module, "HAS_FUSED_NONFINITE_CHECK", False)
+    monkeypatch.setattr(guards, "HAS_FUSED_NONFINITE_CHECK", False)
     for a, b in zip(with_private, run(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

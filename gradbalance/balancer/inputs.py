@@ -1,17 +1,37 @@
-"""Validation of what users pass to `GradBalancer.backward` (no side effects)."""
+"""What users pass to `GradBalancer.backward`: validated and put in shape (no side effects,
+but for `mark_consumed`)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from gradbalance.errors import LossError, MissingInputError, TaskMismatchError
+from gradbalance.methods import KPIS, Method
 
-__all__ = ["as_feature_list", "parse_kpis", "parse_losses", "validate_task_names"]
+__all__ = [
+    "Call",
+    "as_feature_list",
+    "check_devices",
+    "check_graph",
+    "mark_consumed",
+    "parse_call",
+    "parse_kpis",
+    "parse_losses",
+    "scale_of",
+    "stack_losses",
+    "validate_task_names",
+    "weighted_sum",
+]
+
+#: Key set in the ``metadata`` of a loss's ``grad_fn`` once `GradBalancer.backward` consumed
+#: its graph (``retain_graph=False``): a later backward over it raises, at every step alike.
+CONSUMED = "gradbalance.consumed"
 
 
 def validate_task_names(tasks: Any) -> tuple[str, ...]:
@@ -171,3 +191,143 @@ def as_feature_list(features: Any, method: str) -> list[Tensor]:
                 "detached copy"
             )
     return items
+
+
+def _node_metadata(node: Any) -> dict[str, Any]:
+    """An autograd node's ``metadata`` dict (public API; torch's stubs type it as a method)."""
+    return node.metadata
+
+
+def check_graph(loss_list: list[Tensor]) -> None:
+    """Refuse losses whose graph an earlier `backward` consumed (``retain_graph=False``).
+
+    Autograd itself raises only where the graph's saved tensors were freed, which the
+    balancer's engines do not do alike on every step; this check makes a second backward
+    raise at every step, before anything is modified.
+    """
+    for i, loss in enumerate(loss_list):
+        node = loss.grad_fn
+        if node is not None and _node_metadata(node).get(CONSUMED):
+            raise LossError(
+                f"trying to backward through the graph a second time: backward() was "
+                f"already called on these losses (loss #{i} of this call) and freed their "
+                "graph; recompute the losses (a new forward pass), or pass "
+                "retain_graph=True to the first backward() to backpropagate twice"
+            )
+
+
+def mark_consumed(loss_list: list[Tensor]) -> None:
+    """Mark the losses' graphs as consumed (see `check_graph`)."""
+    for loss in loss_list:
+        node = loss.grad_fn
+        if node is not None:
+            _node_metadata(node)[CONSUMED] = True
+
+
+def check_devices(tasks: tuple[str, ...], losses: list[Tensor]) -> None:
+    """Raise `LossError` naming the tasks of each device when the losses are on several."""
+    first = losses[0].device
+    if all(loss.device == first for loss in losses):
+        return
+    by_device: dict[str, list[str]] = {}
+    for task, loss in zip(tasks, losses):
+        by_device.setdefault(str(loss.device), []).append(task)
+    where = ", ".join(f"task(s) {names} on {dev}" for dev, names in by_device.items())
+    raise LossError(
+        f"the losses are on different devices: {where}; compute every loss on one device "
+        "(the model's), or move them with loss.to(device)"
+    )
+
+
+def stack_losses(losses: list[Tensor], differentiable: bool) -> tuple[Tensor | None, Tensor]:
+    """The losses as one vector: ``(stacked, detached)``.
+
+    ``stacked`` keeps the autograd graph (for ``Σ wᵢ Lᵢ``) when ``differentiable`` and the losses
+    share a dtype, else it is ``None``; ``detached`` is a float64 copy, one ``stack`` in all.
+    """
+    flat = [loss if loss.dim() == 0 else loss.reshape(()) for loss in losses]
+    dtype = flat[0].dtype
+    if any(loss.dtype != dtype for loss in flat):
+        with torch.no_grad():
+            return None, torch.stack([loss.to(torch.float64) for loss in flat])
+    if differentiable:
+        stacked = torch.stack(flat)
+        # a copy even for float64 losses: the balancer may average it in place (DDP)
+        return stacked, stacked.detach().to(torch.float64, copy=True)
+    with torch.no_grad():
+        return None, torch.stack(flat).to(torch.float64)
+
+
+def weighted_sum(weights: Tensor, losses: list[Tensor], stacked: Tensor | None) -> Tensor:
+    """``Σ_i w_i L_i`` in the losses' dtype, differentiable w.r.t. both.
+
+    Losses of one dtype come as ``stacked`` (`stack_losses`): one product and one sum (two
+    autograd nodes whatever ``K``); each loss still receives exactly ``w_i`` as its gradient.
+    Losses of mixed dtypes (``stacked`` is ``None``) are summed term by term.
+    """
+    w = weights.to(losses[0].dtype)
+    if stacked is not None:
+        return (stacked * w).sum()
+    objective = None
+    for w_i, loss in zip(w.unbind(), losses):
+        term = w_i * loss.reshape(())
+        objective = term if objective is None else objective + term
+    assert objective is not None
+    return objective
+
+
+def scale_of(scaler: Any, device: torch.device) -> Tensor | None:
+    """The GradScaler's current scale as a tensor, or ``None`` without an enabled scaler."""
+    if scaler is None:
+        return None
+    if not hasattr(scaler, "scale") or not hasattr(scaler, "is_enabled"):
+        raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+    if not scaler.is_enabled():
+        return None
+    return scaler.scale(torch.ones((), device=device, dtype=torch.float32))
+
+
+class Call(NamedTuple):
+    """One `backward` call's inputs, validated, in the balancer's task order."""
+
+    tasks: tuple[str, ...]
+    losses: list[Tensor]
+    call_order: list[int]
+    kpis: Tensor | None
+    features: list[Tensor]
+    scale: Tensor | None
+
+
+def parse_call(
+    losses: Any,
+    known: tuple[str, ...] | None,
+    method: Method,
+    *,
+    features: Any,
+    kpis: Any,
+    scaler: Any,
+    features_required: bool,
+    features_useful: bool,
+    resolve: Callable[[tuple[str, ...], list[Tensor], Method], None],
+) -> Call:
+    """Validate everything `backward` was given, in a fixed order (so that the same error is
+    raised first whatever else is wrong): losses, their graphs and devices, then ``resolve``
+    (the parameter set's checks of what the losses reach), KPIs, features, the scaler.
+
+    ``features`` are required when ``features_required``; else, when ``features_useful`` (the
+    chained engine may use them) and given, unusable ones are ignored.
+    """
+    tasks, loss_list, call_order = parse_losses(losses, known)
+    check_graph(loss_list)
+    check_devices(tasks, loss_list)
+    resolve(tasks, loss_list, method)
+    kpi_tensor = parse_kpis(kpis, tasks, method.name) if KPIS in method.requires else None
+    feature_list: list[Tensor] = []
+    if features_required:
+        feature_list = as_feature_list(features, method.name)
+    elif features is not None and features_useful and method.is_gradient_method():
+        # engine="auto" uses features only to speed up the Jacobian: unusable ones are ignored
+        with contextlib.suppress(TypeError, LossError, MissingInputError):
+            feature_list = as_feature_list(features, method.name)
+    scale = scale_of(scaler, loss_list[0].device)
+    return Call(tasks, loss_list, call_order, kpi_tensor, feature_list, scale)

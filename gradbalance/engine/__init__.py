@@ -104,7 +104,6 @@ __all__ = [
     "weighted_gradients",
 ]
 
-#: Every concrete engine, by name (``"auto"`` is the policy `EngineChoice`, not an engine).
 ENGINES: dict[str, type] = {
     "loop": LoopEngine,
     "batched": BatchedEngine,
@@ -112,6 +111,9 @@ ENGINES: dict[str, type] = {
     "representation": RepresentationEngine,
     "memory": MemoryEngine,
 }
+"""Every concrete engine, by name (``"auto"`` is the policy `EngineChoice`, not an engine).
+`EngineChoice` knows only these built-in engines: adding a class here does not make
+``GradBalancer(engine=...)`` accept it."""
 
 
 def task_gradients(

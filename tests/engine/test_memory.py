@@ -1,6 +1,6 @@
 """The memory-light Gramian (``engine="memory"``) agrees with the loop and batched engines.
 
-Run as a script (``python -m tests.test_memory_light``) to print the peak-memory table of
+Run as a script (``python -m tests.engine.test_memory``) to print the peak-memory table of
 docs/engines.md.
 """
 

@@ -151,6 +151,7 @@ def balanced_closure(opt, model, x, y, calls: list[int]):
 
     return closure
 
+
 @pytest.mark.parametrize("method", ["equal", "mgda"])
 def test_lbfgs_trains_through_the_closure(method):
     model = MultiHeadNet(num_tasks=2)

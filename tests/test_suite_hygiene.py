@@ -43,8 +43,10 @@ def fragile_float_text(want: str) -> list[str]:
         decimals = [n for n in numbers if "." in n and len(n.split(".")[1].split("e")[0]) > 0]
         if any(n.lstrip("-").startswith("0.0000") and n.startswith("-") for n in numbers):
             bad.append(match.group(0))  # a negative zero: the sign of a rounding error
-        elif decimals and len(decimals) == len(numbers) and all(
-            float(n) == round(float(n)) for n in numbers
+        elif (
+            decimals
+            and len(decimals) == len(numbers)
+            and all(float(n) == round(float(n)) for n in numbers)
         ):
             bad.append(match.group(0))
     return bad

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -49,8 +49,7 @@ from gradbalance.methods import JACOBIAN, LAST_SHARED_GRAMIAN, Method, StepInput
 __all__ = ["StepContext", "StepPipeline", "Update"]
 
 
-@dataclass(frozen=True)
-class StepContext:
+class StepContext(NamedTuple):
     """One `backward` call's validated inputs.
 
     Attributes:
@@ -76,24 +75,23 @@ class StepContext:
     bound: bool
 
 
-@dataclass(frozen=True)
-class Update:
+class Update(NamedTuple):
     """What stage 4 produced: the gradients to write.
 
     Attributes:
         params: the tensors whose ``.grad`` receives ``grads``.
         grads: one gradient per tensor (``None``: nothing to add).
         is_global: per tensor, whether its gradient is already the same on every rank.
-        what: how errors name the update.
-        unchecked: without a process group, the message of a non-finite update (with a ``{}``
-            for the parameters), or ``None`` where every part was checked already.
+        source: ``"loss"`` (the gradient of the weighted loss), ``"gradient"`` (an update
+            from checked Jacobian rows: without a process group, nothing is left to check) or
+            ``"memory"`` (one weighted backward). It decides the checks and their messages,
+            which are built only when a check fails.
     """
 
     params: list[Tensor]
     grads: list[Tensor | None]
     is_global: list[bool]
-    what: str
-    unchecked: str | None
+    source: str
 
 
 class StepPipeline:
@@ -292,15 +290,7 @@ class StepPipeline:
             objective = objective * ctx.scale.to(objective.dtype)
         params = [p for p in self.params.optimizer_params() if p.requires_grad]
         grads = objective_gradients(objective, params, retain_graph=ctx.retain_graph)
-        tasks = list(ctx.tasks)
-        return Update(
-            params,
-            grads,
-            [False] * len(params),
-            f"the gradient of the weighted loss of {tasks}",
-            "the gradient of the weighted loss is not finite in {} although every loss of "
-            f"{tasks} is finite",
-        )
+        return Update(params, grads, [False] * len(params), "loss")
 
     def _gradient_update(
         self,
@@ -326,28 +316,37 @@ class StepPipeline:
             [*shared, *others],
             [*update, *result.others],
             [is_global] * len(shared) + [False] * len(others),
-            "the balanced gradient",
-            None if result.has_jacobian else "the balanced gradient is not finite in {}",
+            "gradient" if result.has_jacobian else "memory",
         )
 
     # ------------------------------------------------------------------ 5. commit
     def _commit(self, ctx: StepContext, update: Update) -> None:
         if ctx.sync is not None:
+            what = (
+                f"the gradient of the weighted loss of {list(ctx.tasks)}"
+                if update.source == "loss"
+                else "the balanced gradient"
+            )
             commit(
                 ctx.sync,
                 self.state,
                 update.params,
                 update.grads,
                 update.is_global,
-                update.what,
+                what,
                 self.params.optimizer_params,
                 self.params.label,
             )
             return
-        if update.unchecked is not None:
+        if update.source != "gradient":
             bad = nonfinite_params(update.params, update.grads, self.params.label)
             if bad:
-                raise SkipStep(update.unchecked.format(bad))
+                if update.source == "loss":
+                    raise SkipStep(
+                        f"the gradient of the weighted loss is not finite in {bad} although "
+                        f"every loss of {list(ctx.tasks)} is finite"
+                    )
+                raise SkipStep(f"the balanced gradient is not finite in {bad}")
         write(update.params, update.grads)
 
     # ------------------------------------------------------------------ the end

@@ -14,7 +14,6 @@ import logging
 import time
 import warnings
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -202,7 +201,7 @@ class EngineChoice:
     def for_last_layer(self, request: Request) -> TaskGradients:
         """The Jacobian on the last shared layer for loss weightings that read its Gramian
         (GradNorm): the loop engine, keeping the graph for the weighted backward."""
-        return _LOOP.compute(replace(request, retain_graph=True))
+        return _LOOP.compute(request._replace(retain_graph=True))
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

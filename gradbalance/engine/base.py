@@ -4,8 +4,7 @@ engine says it does not apply (`NotApplicable`)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -40,8 +39,7 @@ def _label(p: Tensor) -> str:
     return f"tensor of shape {tuple(p.shape)}"
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):
     """What a step asks an engine for.
 
     Attributes:

@@ -92,4 +92,3 @@ def test_padnet_auto_adds_the_initial_branches_to_the_shared_encoder():
     branches = _ids(model.initial.parameters())
     assert _ids(opt.shared_parameters) == _ids(model.shared_parameters()) | branches
     assert not _ids(model.shared_parameters()) & branches
-

@@ -20,6 +20,7 @@ name                model                                        paper
 ``pad-net``         prediction-and-distillation network          Xu et al. CVPR 2018
 ``mmoe``            multi-gate mixture of experts (tabular)      Ma et al. KDD 2018
 ``multilenet``      LeNet trunk + heads for MultiMNIST           Sener & Koltun NeurIPS 2018
+``qm9-mpnn``        SchNet-style message passing for QM9         Schütt et al. NeurIPS 2017
 ==================  ===========================================  ==========================
 """
 
@@ -44,6 +45,7 @@ from gradbalance.models.mmoe import CENSUS_TASKS, MMoE
 from gradbalance.models.mtan import MTAN, STAN, AttentionModule, SegNetMTAN, resnet_mtan
 from gradbalance.models.nddr import NDDRCNN, NDDRLayer
 from gradbalance.models.padnet import PADNet, PADNetOutput
+from gradbalance.models.qm9_mpnn import QM9_TARGETS, QM9_TASKS, QM9MPNN
 from gradbalance.models.registry import (
     ModelInfo,
     available,
@@ -63,6 +65,9 @@ __all__ = [
     "MTAN",
     "NDDRCNN",
     "NYUV2_TASKS",
+    "QM9MPNN",
+    "QM9_TARGETS",
+    "QM9_TASKS",
     "STAN",
     "AttentionModule",
     "CrossStitch",
@@ -114,3 +119,4 @@ register("nddr-cnn", NDDRCNN)
 register("pad-net", PADNet)
 register("mmoe", MMoE)
 register("multilenet", MultiLeNet)
+register("qm9-mpnn", QM9MPNN)

@@ -31,6 +31,7 @@ def zoo_models() -> list[str]:
 NON_IMAGE_MODELS = {
     "mmoe": "tabular features (in_features=6), no width=",
     "multilenet": "28×28 grey MultiMNIST digits, fixed left/right tasks",
+    "qm9-mpnn": "padded molecules (B, 29, 4): atomic number and coordinates",
 }
 
 #: Every registered model, from the registry (read once, at collection).
@@ -55,6 +56,8 @@ def build(name: str, tasks=None, **kw):
         return models.get(name, tasks, in_features=6, num_experts=3, **kw)
     if name == "multilenet":
         return models.get(name, tasks, **kw)
+    if name == "qm9-mpnn":
+        return models.get(name, tasks, width=kw.pop("width", 0.25), **kw)
     return models.get(name, tasks, width=kw.pop("width", WIDTH), **kw)
 
 
@@ -64,7 +67,21 @@ def inputs(name: str, seed: int = 0) -> torch.Tensor:
         return torch.randn(BATCH, 6, generator=g)
     if name == "multilenet":
         return torch.randn(BATCH, 1, 28, 28, generator=g)
+    if name == "qm9-mpnn":
+        return molecules(BATCH, generator=g)
     return torch.randn(BATCH, 3, IMAGE, IMAGE, generator=g)
+
+
+def molecules(batch: int, atoms: int = 29, generator: torch.Generator | None = None):
+    """Random padded molecules ``(batch, atoms, 4)``: 3 to 12 atoms of H, C, N, O or F, within
+    a 3 Å box; the other rows are padding (Z = 0, coordinates 0)."""
+    x = torch.zeros(batch, atoms, 4)
+    elements = torch.tensor([1.0, 6.0, 7.0, 8.0, 9.0])
+    for b in range(batch):
+        n = int(torch.randint(3, min(12, atoms) + 1, (1,), generator=generator))
+        x[b, :n, 0] = elements[torch.randint(0, 5, (n,), generator=generator)]
+        x[b, :n, 1:] = 3.0 * torch.rand(n, 3, generator=generator)
+    return x
 
 
 def target_for(spec: models.TaskSpec, out: torch.Tensor, seed: int = 0) -> torch.Tensor:

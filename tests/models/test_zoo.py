@@ -25,6 +25,10 @@ SMALL_TASK_SETS = {
         "mixed": {"click": 2, "rating": ("regression", 1), "genre": ("classification", 4)},
     },
     "multilenet": {"default": None, "three": {"left": 10, "right": 10, "sum": 19}},
+    "qm9-mpnn": {
+        "default": None,
+        "mixed": {"u0": 1, "pair": ("regression", 2), "kind": ("classification", 3)},
+    },
 }
 
 
@@ -129,7 +133,7 @@ def test_encode_decode(name):
 
 def test_shared_feature_models():
     flagged = {n for n in ZOO_MODELS if build(n).has_shared_features}
-    assert flagged == {"split", "split-wide", "split-deep", "pad-net", "multilenet"}
+    assert flagged == {"split", "split-wide", "split-deep", "pad-net", "multilenet", "qm9-mpnn"}
 
 
 @pytest.mark.parametrize("name", ["segnet", "stan"])

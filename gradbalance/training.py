@@ -38,6 +38,7 @@ __all__ = [
     "make_evaluator",
     "make_kpi_fn",
     "progress",
+    "progress_bar",
 ]
 
 logger = logging.getLogger(__name__)
@@ -74,14 +75,16 @@ class _NoBar:
         pass
 
 
-def _bar(total: int | None, desc: str, enabled: bool) -> Any:
+def progress_bar(total: int | None, desc: str, enabled: bool, unit: str = "step") -> Any:
+    """A tqdm bar (``update``, ``set_postfix_str``, ``close``), or a silent stand-in when
+    ``enabled`` is false or tqdm is not installed."""
     if not enabled:
         return _NoBar()
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm is in the examples/test extras
         return _NoBar()
-    return tqdm(total=total, desc=desc, leave=True, dynamic_ncols=True, unit="step")
+    return tqdm(total=total, desc=desc, leave=True, dynamic_ncols=True, unit=unit)
 
 
 @dataclass
@@ -204,6 +207,7 @@ def fit(
     desc: str = "",
     forward: Callable[[Tensor], Any] | None = None,
     device: torch.device | str | None = None,
+    pass_features: bool = False,
 ) -> History:
     """Train ``model`` for ``epochs`` epochs with ``balancer`` and return the `History`.
 
@@ -238,6 +242,10 @@ def fit(
         forward: ``forward(x) -> outputs`` used instead of ``model(x)`` (e.g.
             ``model.predict``); not allowed with methods that work on features.
         device: move every batch there first (the model must already be there).
+        pass_features: also pass the shared features (``model.encode``) to gradient methods
+            that do not need them, so that ``engine="auto"`` can compute the exact parameter
+            Jacobian by the chained engine (one trunk backward instead of ``K``); the same
+            gradients up to rounding.
 
     Examples:
         >>> import torch, gradbalance as gb
@@ -269,6 +277,8 @@ def fit(
     tasks: list[str] = list(loss_fns) if per_task else []  # type: ignore[arg-type]
     history = History(tasks=tasks)
     needs_features = FEATURES in balancer.method.requires or balancer.engine == "representation"
+    if pass_features and balancer.method.is_gradient_method() and forward is None:
+        needs_features = needs_features or hasattr(model, "encode")
     needs_kpis = KPIS in balancer.method.requires
     if needs_kpis and kpi_fn is None:
         raise ValueError(
@@ -285,7 +295,7 @@ def fit(
         per_epoch: int | None = len(loader)  # type: ignore[arg-type]
     except TypeError:
         per_epoch = None
-    bar = _bar(None if per_epoch is None else per_epoch * epochs, desc, show_progress)
+    bar = progress_bar(None if per_epoch is None else per_epoch * epochs, desc, show_progress)
     step = 0
     busy = 0.0
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import importlib.util
 import io
 import subprocess
 import sys
@@ -24,9 +25,18 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 # ----------------------------------------------------------------------------- demo
+#: The QM9 demo reads qm9pack's copy of QM9 (the test extra installs it).
+needs_qm9 = pytest.mark.skipif(
+    importlib.util.find_spec("qm9pack") is None, reason="needs qm9pack (pip install qm9pack)"
+)
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """One `gradbalance demo --quick` run shared by the demo tests (stdout captured)."""
+    """One `gradbalance demo --quick` run (QM9, two seeds in two processes) shared by the demo
+    tests (stdout captured)."""
+    if importlib.util.find_spec("qm9pack") is None:
+        pytest.skip("needs qm9pack (pip install qm9pack)")
     out = tmp_path_factory.mktemp("demo")
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
@@ -37,7 +47,8 @@ def demo_run(tmp_path_factory):
 def test_demo_quick_finishes_and_prints_the_table(demo_run):
     status, stdout, _ = demo_run
     assert status == 0
-    assert "Δm% vs equal" in stdout and "ms/step" in stdout
+    assert "Δm% vs equal" in stdout and "ms/step" in stdout and "u0 (meV)" in stdout
+    assert "seeds 0, 1" in stdout
     table = stdout.split("Δm% vs equal", 1)[1]
     for method in cli.DEMO_METHODS:
         assert f"\n{method} " in table
@@ -52,23 +63,27 @@ def test_demo_quick_writes_png_and_csv(demo_run):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = read_csv(out / "results.csv")
     assert [r["method"] for r in results] == list(cli.DEMO_METHODS)
+    targets = gb.data.qm9.TARGETS
     for r in results:
-        for task in ("left", "right"):
-            assert 0.0 <= float(r[f"{task}_accuracy"]) <= 1.0
+        assert int(r["seeds"]) == 2
+        for target in targets:
+            assert float(r[f"{target}_mae"]) > 0
         assert float(r["seconds_per_step"]) > 0
     assert float(results[0]["delta_m_vs_equal"]) == 0.0
     epochs = read_csv(out / "epochs.csv")
-    assert len(epochs) == 2 * len(cli.DEMO_METHODS)
-    steps = read_csv(out / "steps" / "mgda-ub.csv")
+    assert len(epochs) == 2 * len(cli.DEMO_METHODS)  # one epoch, two seeds
+    assert {e["seed"] for e in epochs} == {"0", "1"}
+    steps = read_csv(out / "steps" / "mgda-ub-seed1.csv")
     assert len(steps) == int(results[0]["steps"]) > 0
-    weights = [float(s["weight/left"]) + float(s["weight/right"]) for s in steps]
+    weights = [sum(float(s[f"weight/{t}"]) for t in targets) for s in steps]
     assert all(w == pytest.approx(1.0) for w in weights)  # MGDA-UB: weights on the simplex
 
 
-def test_demo_is_reproducible(tmp_path, capsys):
+@needs_qm9
+def test_demo_is_reproducible_with_seeds_in_parallel(tmp_path, capsys):
     rows = []
     for run in ("a", "b"):
-        argv = ["demo", "--quick", "--epochs", "1", "--methods", "equal", "dtp"]
+        argv = ["demo", "--quick", "--methods", "equal", "gls", "--seeds", "2", "--jobs", "2"]
         assert main([*argv, "--no-progress", "--out", str(tmp_path / run)]) == 0
         rows.append(read_csv(tmp_path / run / "results.csv"))
     for a, b in zip(*rows):
@@ -78,15 +93,47 @@ def test_demo_is_reproducible(tmp_path, capsys):
     capsys.readouterr()
 
 
+@needs_qm9
 def test_demo_leaves_out_a_method_that_cannot_run(tmp_path, capsys):
-    argv = ["demo", "--quick", "--epochs", "1", "--methods", "equal", "fixed", "--no-progress"]
-    assert main([*argv, "--out", str(tmp_path)]) == 1
+    argv = ["demo", "--quick", "--methods", "equal", "fixed", "dtp", "--seeds", "1"]
+    assert main([*argv, "--no-progress", "--out", str(tmp_path)]) == 1
     captured = capsys.readouterr()
     assert "method 'fixed' cannot be built with its default options" in captured.err
-    assert "--method-arg" in captured.err and "Left out (see the messages above): fixed" in (
+    # DTP needs a KPI in [0, 1], which regression targets do not define
+    assert "method 'dtp' cannot be built" in captured.err and "KPI" in captured.err
+    assert "one seed (0): differences between methods may be seed noise" in captured.out
+    assert "--method-arg" in captured.err and "Left out (see the messages above): fixed, dtp" in (
         captured.out
     )
     assert [r["method"] for r in read_csv(tmp_path / "results.csv")] == ["equal"]
+
+
+def test_demo_on_multimnist(tmp_path, capsys):
+    argv = ["demo", "--data", "multimnist", "--quick", "--epochs", "1", "--methods", "equal"]
+    assert main([*argv, "mgda-ub", "dtp", "--no-progress", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "MultiMNIST" in out and "left acc %" in out and "one seed (0)" in out
+    results = read_csv(tmp_path / "results.csv")
+    assert [r["method"] for r in results] == ["equal", "mgda-ub", "dtp"]
+    for r in results:
+        for task in ("left", "right"):
+            assert 0.0 <= float(r[f"{task}_accuracy"]) <= 1.0
+    steps = read_csv(tmp_path / "steps" / "mgda-ub.csv")
+    weights = [float(s["weight/left"]) + float(s["weight/right"]) for s in steps]
+    assert all(w == pytest.approx(1.0) for w in weights)
+
+
+def test_demo_multimnist_is_reproducible(tmp_path, capsys):
+    rows = []
+    for run in ("a", "b"):
+        argv = ["demo", "--data", "multimnist", "--quick", "--epochs", "1", "--methods", "equal"]
+        assert main([*argv, "dtp", "--no-progress", "--out", str(tmp_path / run)]) == 0
+        rows.append(read_csv(tmp_path / run / "results.csv"))
+    for a, b in zip(*rows):
+        for key in a:
+            if key != "seconds_per_step":
+                assert a[key] == b[key], key
+    capsys.readouterr()
 
 
 # ----------------------------------------------------------------------------- list / help

@@ -98,21 +98,70 @@ def moving_average(values: Sequence[float], window: int) -> list[float]:
     return out
 
 
-def demo_figure(runs: Sequence[Any], tasks: Sequence[str], path: Path) -> bool:
-    """Accuracy curves per task (top) and one panel of task weights per method (below).
+def demo_figure(
+    data: str, runs: Sequence[Any], tasks: Sequence[str], path: Path, base: str = "equal"
+) -> bool:
+    """The demo's figure: the test metrics (top) and one panel of task weights per method.
 
-    ``runs`` are the demo's runs (``.method``, ``.history``, ``.steps_per_epoch``). Returns
-    whether the figure was written: ``False`` when matplotlib is not installed.
+    ``runs`` are the demo's runs (``.method``, ``.seed``, ``.history``, ``.steps_per_epoch``).
+    For ``data="multimnist"`` the top row holds each task's test accuracy over the epochs; for
+    ``"qm9"`` each target's final test MAE relative to ``base``'s (the mean over seeds of the
+    ratio for the same seed: below 1 is better). The weight panels show the first seed's run.
+    Returns whether the figure was written: ``False`` when matplotlib is not installed.
     """
     try:  # optional dependency (the ``examples`` extra): imported only when drawing
         from matplotlib.figure import Figure
     except ImportError:
         logger.warning("matplotlib is not installed: no figure (pip install gradbalance[examples])")
         return False
+    first_seed = min(run.seed for run in runs)
+    shown = [run for run in runs if run.seed == first_seed]
     per_row = 3
-    weight_rows = math.ceil(len(runs) / per_row)
+    weight_rows = math.ceil(len(shown) / per_row)
     fig = Figure(figsize=(12, 3.4 * (1 + weight_rows)), layout="constrained")
     grid = fig.add_gridspec(1 + weight_rows, 2 * per_row)
+    if data == "qm9":
+        _relative_error_panel(fig.add_subplot(grid[0, :]), runs, tasks, base)
+        title = "QM9: the message-passing network with each balancing method"
+    else:
+        _accuracy_panels(fig, grid, shown, tasks, per_row)
+        title = "MultiMNIST: MultiLeNet with each balancing method"
+    k = len(tasks)
+    for j, run in enumerate(shown):
+        ax = fig.add_subplot(grid[1 + j // per_row, 2 * (j % per_row) : 2 * (j % per_row) + 2])
+        steps = run.history.steps
+        x = [(row["step"] + 1) / run.steps_per_epoch for row in steps]
+        totals = [sum(row[f"weight/{t}"] for t in tasks) for row in steps]
+        window = max(1, len(steps) // 150)
+        for i, task in enumerate(tasks):
+            share = [
+                k * row[f"weight/{task}"] / tot if tot else math.nan
+                for row, tot in zip(steps, totals)
+            ]
+            ax.plot(
+                x,
+                moving_average(share, window),
+                color=f"C{i % 10}",
+                lw=1.2,
+                label=task,
+                ls="-" if i < 10 else "--",
+            )
+        ax.axhline(1.0, color="0.6", lw=0.8, ls=":")
+        note = f", mean of {window} steps" if window > 1 else ""
+        ax.set_title(f"{run.method}: task weights × K / Σw{note}", fontsize="medium")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if j == 0:
+            ax.legend(fontsize="x-small", ncol=2 if k > 4 else 1)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def _accuracy_panels(
+    fig: Any, grid: Any, runs: Sequence[Any], tasks: Sequence[str], per_row: int
+) -> None:
+    """One panel per task: test accuracy over the epochs, one line per method."""
     span = 2 * per_row // len(tasks)
     for i, task in enumerate(tasks):
         ax = fig.add_subplot(grid[0, i * span : (i + 1) * span])
@@ -126,26 +175,28 @@ def demo_figure(runs: Sequence[Any], tasks: Sequence[str], path: Path) -> bool:
         ax.grid(alpha=0.3)
         if i == 0:
             ax.legend(fontsize="small")
-    k = len(tasks)
-    for j, run in enumerate(runs):
-        ax = fig.add_subplot(grid[1 + j // per_row, 2 * (j % per_row) : 2 * (j % per_row) + 2])
-        steps = run.history.steps
-        x = [(row["step"] + 1) / run.steps_per_epoch for row in steps]
-        totals = [sum(row[f"weight/{t}"] for t in tasks) for row in steps]
-        window = max(1, len(steps) // 150)
-        for i, task in enumerate(tasks):
-            share = [
-                k * row[f"weight/{task}"] / tot if tot else math.nan
-                for row, tot in zip(steps, totals)
+
+
+def _relative_error_panel(ax: Any, runs: Sequence[Any], tasks: Sequence[str], base: str) -> None:
+    """Grouped bars: each target's final test MAE over ``base``'s, one bar per method."""
+    base_runs = {run.seed: run for run in runs if run.method == base}
+    methods = [m for m in dict.fromkeys(run.method for run in runs) if m != base]
+    width = 0.8 / max(1, len(methods))
+    for j, method in enumerate(methods):
+        ratios = []
+        for task in tasks:
+            per_seed = [
+                run.history.final[f"{task}/mae"] / base_runs[run.seed].history.final[f"{task}/mae"]
+                for run in runs
+                if run.method == method and run.seed in base_runs
             ]
-            ax.plot(x, moving_average(share, window), color=f"C{i}", lw=1.2, label=task)
-        ax.axhline(1.0, color="0.6", lw=0.8, ls=":")
-        note = f", mean of {window} steps" if window > 1 else ""
-        ax.set_title(f"{run.method}: task weights × K / Σw{note}", fontsize="medium")
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-        if j == 0:
-            ax.legend(fontsize="small")
-    fig.suptitle("MultiMNIST: MultiLeNet with each balancing method")
-    fig.savefig(path, dpi=110)
-    return True
+            ratios.append(sum(per_seed) / len(per_seed) if per_seed else math.nan)
+        xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(tasks))]
+        ax.bar(xs, ratios, width=width, color=f"C{(j + 1) % 10}", label=method)
+    ax.axhline(1.0, color="0.3", lw=0.9)
+    ax.set_xticks(range(len(tasks)), list(tasks))
+    ax.set_ylabel(f"test MAE / {base}'s")
+    ax.set_title(f"final test MAE per target relative to {base} (below 1: better)")
+    ax.grid(alpha=0.3, axis="y")
+    if methods:
+        ax.legend(fontsize="small", ncol=min(4, len(methods)))

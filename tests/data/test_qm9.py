@@ -353,3 +353,20 @@ def test_full_qm9_from_qm9pack(tmp_path):
     assert len(test) == 10_000
     # PyG-scale values (training means, eV for energies): U0_atom about -76 eV, cv about 31.6
     assert -80 < float(test.mean[6]) < -72 and 30 < float(test.mean[10]) < 33
+
+
+def test_centred_targets_keep_their_units(tmp_path):
+    raw = qm9(tmp_path, normalize=False)
+    centred = qm9(tmp_path, normalize="center")
+    standard = qm9(tmp_path, normalize="standardize")
+    assert centred.normalization == "center" and standard.normalization == "standardize"
+    # computed in float64, then stored in float32
+    torch.testing.assert_close(centred.y, raw.y - raw.mean, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(standard.y, (raw.y - raw.mean) / raw.std, rtol=1e-5, atol=1e-5)
+    # one unit of y is one unit of UNITS when centred; std units when standardised
+    torch.testing.assert_close(centred.target_scale, torch.ones(len(TARGETS)))
+    torch.testing.assert_close(standard.target_scale, standard.std)
+    torch.testing.assert_close(centred.denormalize(centred.y), raw.y, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(standard.denormalize(standard.y), raw.y, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="normalize must be"):
+        qm9(tmp_path, normalize="minmax")

@@ -222,6 +222,19 @@ def seed_runs(
     queue, receives ``(method, seed)`` after each method (the parent's progress bar)."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    # reruns give the same numbers: no choice by timing (the chained engine would time its two
+    # trunk variants, equal up to rounding, and keep the faster, which depends on the load)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        return _seed_runs(settings, methods, seed, done)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _seed_runs(
+    settings: Settings, methods: list[str], seed: int, done: Any
+) -> tuple[list[DemoRun], dict[str, str]]:
     data = DEMO_DATA[settings.data]
     splits = data.load(settings.split_seed, settings.quick)
     runs, failed = [], {}

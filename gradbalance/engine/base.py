@@ -17,6 +17,7 @@ __all__ = [
     "STRATEGIES",
     "Engine",
     "NotApplicable",
+    "ParameterEngine",
     "Request",
     "RowsHook",
     "objective_gradients",
@@ -93,6 +94,30 @@ class Engine(Protocol):
         weights: Tensor,
         direction: list[Tensor | None] | None = None,
     ) -> list[Tensor | None]: ...
+
+
+class ParameterEngine:
+    """The engines whose result is the Jacobian of the request's shared parameters (loop,
+    batched, chained): a subclass computes it in `jacobian`; `compute` applies the request's
+    rows hook to it and `update` is ``Jᵀw``, or the ``direction`` given instead."""
+
+    name = ""
+
+    def jacobian(self, request: Request) -> TaskGradients:
+        """The task Jacobian on ``request.shared`` (before the rows hook)."""
+        raise NotImplementedError
+
+    def compute(self, request: Request) -> TaskGradients:
+        return hooked(self.jacobian(request), request)
+
+    def update(
+        self,
+        request: Request,
+        result: TaskGradients,
+        weights: Tensor,
+        direction: list[Tensor | None] | None = None,
+    ) -> list[Tensor | None]:
+        return result.combine(weights) if direction is None else direction
 
 
 def hooked(result: TaskGradients, request: Request) -> TaskGradients:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from gradbalance.engine.base import Request, as_scalar_stack, hooked
+from gradbalance.engine.base import ParameterEngine, Request, as_scalar_stack
 from gradbalance.engine.loop import loop_gradients
 from gradbalance.engine.result import TaskGradients
 
@@ -78,7 +78,7 @@ def probe_batched(
     return result, "batched"
 
 
-class BatchedEngine:
+class BatchedEngine(ParameterEngine):
     """The `gradbalance.engine.Engine` of ``engine="batched"``.
 
     Examples:
@@ -92,17 +92,7 @@ class BatchedEngine:
 
     name = "batched"
 
-    def compute(self, request: Request) -> TaskGradients:
-        result = batched_gradients(
+    def jacobian(self, request: Request) -> TaskGradients:
+        return batched_gradients(
             request.losses, request.shared, request.others, request.retain_graph
         )
-        return hooked(result, request)
-
-    def update(
-        self,
-        request: Request,
-        result: TaskGradients,
-        weights: Tensor,
-        direction: list[Tensor | None] | None = None,
-    ) -> list[Tensor | None]:
-        return result.combine(weights) if direction is None else direction

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from gradbalance._torch_compat import autograd_grad
-from gradbalance.engine.base import NotApplicable, Request, hooked
+from gradbalance.engine.base import NotApplicable, ParameterEngine, Request
 from gradbalance.engine.result import TaskGradients, from_per_task, from_rows, stack_rows
 
 __all__ = ["ChainedEngine", "chained_gradients", "heads_reach_shared_only_through"]
@@ -243,7 +243,7 @@ def chained_gradients(
     return from_rows(trunk[:n_shared], shared, summed, task_reached)
 
 
-class ChainedEngine:
+class ChainedEngine(ParameterEngine):
     """The `gradbalance.engine.Engine` of ``engine="chained"``: needs ``features`` in the
     request; raises `NotApplicable` (having computed nothing) when a head reaches a shared
     parameter other than through them.
@@ -257,7 +257,7 @@ class ChainedEngine:
     def __init__(self, batched: bool = True) -> None:
         self.batched = batched
 
-    def compute(self, request: Request) -> TaskGradients:
+    def jacobian(self, request: Request) -> TaskGradients:
         if not request.features:
             raise NotApplicable("the chained engine needs the features the heads read")
         result = chained_gradients(
@@ -272,13 +272,4 @@ class ChainedEngine:
             raise NotApplicable(
                 "a task loss reaches a shared parameter other than through the features"
             )
-        return hooked(result, request)
-
-    def update(
-        self,
-        request: Request,
-        result: TaskGradients,
-        weights: Tensor,
-        direction: list[Tensor | None] | None = None,
-    ) -> list[Tensor | None]:
-        return result.combine(weights) if direction is None else direction
+        return result

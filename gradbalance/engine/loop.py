@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from gradbalance._torch_compat import autograd_grad
-from gradbalance.engine.base import Request, hooked
+from gradbalance.engine.base import ParameterEngine, Request
 from gradbalance.engine.result import TaskGradients, from_per_task
 
 __all__ = ["LoopEngine", "loop_gradients"]
@@ -38,7 +38,7 @@ def loop_gradients(
     return from_per_task(by_task, shared, summed)
 
 
-class LoopEngine:
+class LoopEngine(ParameterEngine):
     """The `gradbalance.engine.Engine` of ``engine="loop"``.
 
     Examples:
@@ -52,17 +52,5 @@ class LoopEngine:
 
     name = "loop"
 
-    def compute(self, request: Request) -> TaskGradients:
-        result = loop_gradients(
-            request.losses, request.shared, request.others, request.retain_graph
-        )
-        return hooked(result, request)
-
-    def update(
-        self,
-        request: Request,
-        result: TaskGradients,
-        weights: Tensor,
-        direction: list[Tensor | None] | None = None,
-    ) -> list[Tensor | None]:
-        return result.combine(weights) if direction is None else direction
+    def jacobian(self, request: Request) -> TaskGradients:
+        return loop_gradients(request.losses, request.shared, request.others, request.retain_graph)

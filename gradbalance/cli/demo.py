@@ -216,10 +216,15 @@ def results_table(
 
 
 def seed_runs(
-    settings: Settings, methods: list[str], seed: int, done: Any = None
+    settings: Settings,
+    methods: list[str],
+    seed: int,
+    done: Any = None,
+    splits: tuple[Any, Any] | None = None,
 ) -> tuple[list[DemoRun], dict[str, str]]:
     """Every method with one seed: the runs, and why each failed method failed. ``done``, a
-    queue, receives ``(method, seed)`` after each method (the parent's progress bar)."""
+    queue, receives ``(method, seed)`` after each method (the parent's progress bar);
+    ``splits``, the data already loaded in this process (a worker loads its own)."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
     # reruns give the same numbers: no choice by timing (the chained engine would time its two
@@ -227,16 +232,21 @@ def seed_runs(
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        return _seed_runs(settings, methods, seed, done)
+        return _seed_runs(settings, methods, seed, done, splits)
     finally:
         torch.use_deterministic_algorithms(deterministic)
 
 
 def _seed_runs(
-    settings: Settings, methods: list[str], seed: int, done: Any
+    settings: Settings,
+    methods: list[str],
+    seed: int,
+    done: Any,
+    splits: tuple[Any, Any] | None,
 ) -> tuple[list[DemoRun], dict[str, str]]:
     data = DEMO_DATA[settings.data]
-    splits = data.load(settings.split_seed, settings.quick)
+    if splits is None:
+        splits = data.load(settings.split_seed, settings.quick)
     runs, failed = [], {}
     for method in methods:
         try:
@@ -278,8 +288,21 @@ def _in_parallel(
                 runs.extend(seed_result)
                 failed.update(seed_failed)
     bar.close()
-    order = {m: i for i, m in enumerate(methods)}
-    runs.sort(key=lambda r: (order[r.method], r.seed))
+    return runs, failed
+
+
+def _in_sequence(
+    settings: Settings, methods: list[str], splits: tuple[Any, Any]
+) -> tuple[list[DemoRun], dict[str, str]]:
+    """`seed_runs` for every seed in this process, on the data already loaded; a method that
+    failed with one seed is not tried with the next."""
+    runs: list[DemoRun] = []
+    failed: dict[str, str] = {}
+    for seed in settings.seeds:
+        todo = [m for m in methods if m not in failed]
+        seed_result, seed_failed = seed_runs(settings, todo, seed, splits=splits)
+        runs.extend(seed_result)
+        failed.update(seed_failed)
     return runs, failed
 
 
@@ -334,15 +357,9 @@ def run(args: argparse.Namespace) -> int:
     if jobs > 1:
         runs, failures = _in_parallel(settings, methods, jobs)
     else:
-        runs, failures = [], {}
-        for seed in settings.seeds:
-            seed_result, seed_failed = seed_runs(
-                settings, [m for m in methods if m not in failures], seed
-            )
-            runs.extend(seed_result)
-            failures.update(seed_failed)
-        order = {m: i for i, m in enumerate(methods)}
-        runs.sort(key=lambda r: (order[r.method], r.seed))
+        runs, failures = _in_sequence(settings, methods, (train, test))
+    order = {m: i for i, m in enumerate(methods)}
+    runs.sort(key=lambda r: (order[r.method], r.seed))
     for method, why in failures.items():
         write(f"gradbalance demo: method {method!r} {why}; left out", sys.stderr)
     failed = list(failures)

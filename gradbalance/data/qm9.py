@@ -342,7 +342,6 @@ class QM9(Dataset):
         self.split, self.seed, self.split_sizes = split, seed, sizes
         self.tasks = tuple(targets)
         self.units = {name: UNITS[name] for name in self.tasks}
-        self.normalized = mode != "none"
         #: ``"standardize"``, ``"center"`` or ``"none"``: how ``y`` relates to `UNITS`.
         self.normalization = mode
         self.mean = torch.from_numpy(mean.astype(np.float32))
@@ -380,7 +379,7 @@ class QM9(Dataset):
 
         Example:
             >>> ds = QM9.__new__(QM9)  # a stand-in with statistics only
-            >>> ds.tasks, ds.normalized = ("mu", "cv"), True
+            >>> ds.tasks, ds.normalization = ("mu", "cv"), "standardize"
             >>> ds.mean, ds.std = torch.tensor([2.7, 31.6]), torch.tensor([1.5, 4.1])
             >>> ds.denormalize({"cv": torch.tensor([0.0, 1.0])})["cv"]
             tensor([31.6000, 35.7000])
@@ -396,7 +395,7 @@ class QM9(Dataset):
             out = {}
             for name, value in pred.items():
                 j = self.tasks.index(name)
-                out[name] = value * self._scale[j].to(value) + self.mean[j].to(value)
+                out[name] = value * self.target_scale[j].to(value) + self.mean[j].to(value)
             return out
         if pred.shape[-1:] != (len(self.tasks),):
             raise ValueError(
@@ -405,20 +404,20 @@ class QM9(Dataset):
             )
         if not self.normalized:
             return pred
-        return pred * self._scale.to(pred) + self.mean.to(pred)
+        return pred * self.target_scale.to(pred) + self.mean.to(pred)
 
     @property
-    def _scale(self) -> Tensor:
-        """What one unit of ``y`` is worth in `UNITS`: ``std``, or ones when centred only."""
-        if getattr(self, "normalization", "standardize") == "standardize":
-            return self.std
-        return torch.ones_like(self.std)
+    def normalized(self) -> bool:
+        """Whether ``y`` differs from the values in `UNITS` (standardised or centred)."""
+        return self.normalization != "none"
 
     @property
     def target_scale(self) -> Tensor:
         """Per target, the factor from ``y``'s unit to `UNITS` (an MAE of ``y`` times it is
         the MAE in `UNITS`): ``std`` when standardised, else ones."""
-        return self._scale
+        if self.normalization == "standardize":
+            return self.std
+        return torch.ones_like(self.std)
 
     def __repr__(self) -> str:
         return (

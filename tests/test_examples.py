@@ -138,3 +138,30 @@ def test_fixed_weights_run_where_the_example_sets_them_and_fail_clearly_elsewher
             "custom_model.py", "--quick", "--method", "fixed", monkeypatch=monkeypatch, cwd=tmp_path
         )
     assert info.value.code == 2
+
+
+# Lightning's own use of a torch API that torch deprecates (lightning/pytorch/utilities/_pytree)
+@pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\).*")
+def test_lightning_multitask(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("lightning")
+    run_example(
+        "lightning_multitask.py",
+        "--quick",
+        "--method",
+        "uncertainty",
+        monkeypatch=monkeypatch,
+        cwd=tmp_path,
+    )
+    out = capsys.readouterr().out
+    assert "method uncertainty, 2 epochs, 16 balanced steps" in out
+    assert "test rel. MSE: smooth" in out and "last weights: [" in out
+
+
+def test_hf_multitask(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    run_example("hf_multitask.py", "--quick", monkeypatch=monkeypatch, cwd=tmp_path)
+    out = capsys.readouterr().out
+    assert "part 1: transformers.Trainer + mgda, 6 steps" in out
+    assert "part 2: accelerate loop + uncertainty, 6 steps" in out
+    assert "accelerate balancer steps 6" in out

@@ -29,7 +29,14 @@ def _doctest_examples() -> list[tuple[str, doctest.Example]]:
     finder = doctest.DocTestFinder()
     out = []
     for info in pkgutil.walk_packages(gradbalance.__path__, "gradbalance."):
-        module = importlib.import_module(info.name)
+        try:
+            module = importlib.import_module(info.name)
+        except ModuleNotFoundError as exc:  # an integration without its framework installed
+            if not info.name.startswith("gradbalance.integrations."):
+                raise
+            frameworks = {"lightning", "transformers", "accelerate"}
+            assert exc.name and exc.name.split(".")[0] in frameworks
+            continue
         for test in finder.find(module):
             out.extend((test.name, example) for example in test.examples)
     return out

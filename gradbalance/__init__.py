@@ -10,7 +10,7 @@ Examples:
     >>> opt.step()
 """
 
-from gradbalance import data, engine, losses, methods, metrics, models, solvers
+from gradbalance import callbacks, data, engine, losses, methods, metrics, models, solvers
 from gradbalance.balancer import GradBalancer
 from gradbalance.errors import (
     GradBalanceError,
@@ -38,6 +38,7 @@ __all__ = [
     "TaskMismatchError",
     "UnreachedParameterError",
     "__version__",
+    "callbacks",
     "data",
     "engine",
     "losses",

@@ -1,23 +1,34 @@
-"""Per-step logging of a training run: CSV always, TensorBoard when it is installed."""
+"""Per-step logging of a training run: CSV always, TensorBoard when it is installed.
+
+`RunLogger` is the first logger of the package, kept for the demo and existing code; it is a
+`gradbalance.callbacks.Callback`. New code: `gradbalance.callbacks.CSVLogger` (steps and
+epochs) and `gradbalance.callbacks.TensorBoardLogger` (also the gradient cosines).
+"""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from gradbalance.callbacks.base import Callback, StepRecord
+from gradbalance.callbacks.tensorboard import INSTALL_HINT, tensorboard_available
 
 __all__ = ["RunLogger"]
 
 logger = logging.getLogger(__name__)
 
 
-class RunLogger:
+class RunLogger(Callback):
     """Write one row per logged step to ``<directory>/<name>.csv`` (and TensorBoard if present).
 
     Columns are fixed by the first row; later rows may only use those keys (missing ones are
-    left empty). Use as a context manager or call `close`.
+    left empty). Use as a context manager or call `close`. As a callback of
+    `gradbalance.training.fit` (``callbacks=[...]`` or ``run_logger=``) it logs every step's
+    ``step``, ``epoch``, ``loss/<task>`` and ``weight/<task>``.
 
     Args:
         directory: where the CSV (and the TensorBoard event files) go; created if missing.
@@ -42,15 +53,14 @@ class RunLogger:
         self._file = self.path.open("w", newline="")
         self._writer: csv.DictWriter | None = None
         self._tb: Any = None
-        if tensorboard is not False:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                if tensorboard:
-                    raise
-                logger.debug("tensorboard not installed: logging to CSV only")
-            else:
-                self._tb = SummaryWriter(log_dir=str(self.directory / "tb" / name))
+        if tensorboard and not tensorboard_available():
+            raise ModuleNotFoundError(f"RunLogger(tensorboard=True) needs: {INSTALL_HINT}")
+        if tensorboard is not False and tensorboard_available():
+            from torch.utils.tensorboard import SummaryWriter  # optional: imported when used
+
+            self._tb = SummaryWriter(log_dir=str(self.directory / "tb" / name))
+        elif tensorboard is None:
+            logger.debug("tensorboard not installed: logging to CSV only")
 
     def log(self, row: Mapping[str, Any]) -> None:
         """Append one row; numeric values also go to TensorBoard at ``row["step"]``."""
@@ -63,6 +73,10 @@ class RunLogger:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self._tb.add_scalar(key, value, step)
+
+    def on_step(self, record: StepRecord) -> None:
+        """Log the step's row (without the gradient cosines: the CSV keeps its layout)."""
+        self.log(dataclasses.replace(record, cosines=None).row())
 
     def flush(self) -> None:
         """Write the rows logged so far to disk (`gradbalance.training.fit` calls it after

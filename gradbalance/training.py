@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from gradbalance.balancer import GradBalancer
+from gradbalance.callbacks import Callback, CallbackList, EpochRecord, StepRecord, read_step
 from gradbalance.methods import FEATURES, KPIS
 from gradbalance.metrics import DEPTH_KPI_RATIO as DEPTH_KPI_RATIO
 from gradbalance.metrics import NORMAL_KPI_DEGREES as NORMAL_KPI_DEGREES
@@ -202,6 +203,7 @@ def fit(
     evaluate: Callable[[nn.Module], Mapping[str, float]] | None = None,
     kpi_fn: KpiFn | None = None,
     scheduler: Any = None,
+    callbacks: Sequence[Callback] | None = None,
     run_logger: RunLogger | None = None,
     show_progress: bool = True,
     desc: str = "",
@@ -235,8 +237,13 @@ def fit(
             `make_evaluator`).
         kpi_fn: per-batch KPIs for methods that need them.
         scheduler: a learning-rate scheduler stepped once per epoch.
-        run_logger: a `gradbalance.runlog.RunLogger` that receives every step's row; its
-            rows are flushed to disk after every epoch.
+        callbacks: observers of the run (`gradbalance.callbacks`): each gets every step's
+            `gradbalance.callbacks.StepRecord`, every epoch's
+            `gradbalance.callbacks.EpochRecord` and the `History` at the end; e.g.
+            ``[gb.callbacks.CSVLogger(out), gb.callbacks.TensorBoardLogger(out / "tb")]``.
+        run_logger: a `gradbalance.runlog.RunLogger`; the same as adding it to
+            ``callbacks`` (it receives every step's row; its rows are flushed to disk after
+            every epoch).
         show_progress: show a progress bar.
         desc: the bar's label (and the log lines').
         forward: ``forward(x) -> outputs`` used instead of ``model(x)`` (e.g.
@@ -295,9 +302,12 @@ def fit(
         per_epoch: int | None = len(loader)  # type: ignore[arg-type]
     except TypeError:
         per_epoch = None
+    hooks = CallbackList([*(callbacks or ()), *([] if run_logger is None else [run_logger])])
+    cosines = hooks.needs_cosines and balancer.method.is_gradient_method()
     bar = progress_bar(None if per_epoch is None else per_epoch * epochs, desc, show_progress)
     step = 0
     busy = 0.0
+    failed = True
     try:
         for epoch in range(epochs):
             model.train()
@@ -321,20 +331,28 @@ def fit(
                 weights = balancer.backward(losses, features=features, kpis=kpis)
                 balancer.step()
                 busy += time.perf_counter() - start
+                # one host synchronisation reads the losses, weights (and cosines) of the step
+                gram = balancer.last_gramian if cosines else None
+                loss_v, weight_v, cos_v = read_step(
+                    [losses[t] for t in tasks], weights, gram, cosines=cosines
+                )
                 row: dict[str, float] = {"step": step, "epoch": epoch}
-                for t, w in zip(tasks, weights.tolist()):
-                    row[f"loss/{t}"] = float(losses[t].detach())
+                for t, loss, w in zip(tasks, loss_v, weight_v):
+                    row[f"loss/{t}"] = loss
                     row[f"weight/{t}"] = w
                 history.steps.append(row)
-                if run_logger is not None:
-                    run_logger.log(row)
+                if hooks:
+                    order = balancer.tasks
+                    hooks.on_step(
+                        StepRecord.build(step, epoch, tasks, loss_v, weight_v, order, cos_v)
+                    )
                 step += 1
                 bar.update(1)
-            if run_logger is not None:  # on disk before evaluating: a killed run keeps them
-                run_logger.flush()
+            hooks.flush()  # on disk before evaluating: a killed run keeps them
             balancer.end_epoch()
             if scheduler is not None:
                 scheduler.step()
+            metrics: dict[str, float] = {}
             if evaluate is not None:
                 model.eval()
                 with torch.no_grad():
@@ -343,9 +361,12 @@ def fit(
                 logger.info("%s epoch %d: %s", desc, epoch + 1, metrics)
                 shown = ", ".join(f"{k}={v:.3g}" for k, v in list(metrics.items())[:4])
                 bar.set_postfix_str(f"epoch {epoch + 1}/{epochs} {shown}")
+            hooks.on_epoch(EpochRecord(epoch, step, metrics))
+        failed = False
     finally:
         bar.close()
-    history.seconds_per_step = busy / step if step else float("nan")
+        history.seconds_per_step = busy / step if step else float("nan")
+        hooks.on_fit_end(history, failed=failed)
     return history
 
 

@@ -18,9 +18,11 @@ The package, one job per module: this file dispatches (exit statuses, Ctrl-C and
 ``parser`` builds the command line from the converters of ``options``; ``demo``, ``train``,
 ``listing`` and ``bench`` are the commands; ``recipes`` holds the datasets and how a model is
 wired to a `GradBalancer`; ``outdir`` checks ``--out``; ``report`` prints tables and writes
-CSV files and the figure.
+CSV files and the figures; ``runconfig`` (a run's ``config.json`` and ``--config``) and
+``rundir`` (the files of a ``train`` run folder) serve ``train``.
 
-Function-level imports: only matplotlib (``report.demo_figure``), an optional dependency.
+Function-level imports: only matplotlib (``report``'s figures), an optional dependency
+(TensorBoard is imported by `gradbalance.callbacks` when a run asks for it).
 Everything else is imported at module level: ``import gradbalance`` already loads torch and
 every subpackage, so deferring the package's own modules would not make ``--help`` faster.
 """

@@ -28,10 +28,13 @@ def _threads_option(p: argparse.ArgumentParser, default: int | None = None) -> N
 
 
 def _run_options(
-    p: argparse.ArgumentParser, seed_help: str, threads_default: int | None = None
+    p: argparse.ArgumentParser,
+    seed_help: str,
+    threads_default: int | None = None,
+    seed_default: int | None = 0,
 ) -> None:
     """The options every training command shares: ``--seed``, ``--no-progress``, ``--threads``."""
-    p.add_argument("--seed", type=options.seed, default=0, help=seed_help)
+    p.add_argument("--seed", type=options.seed, default=seed_default, help=seed_help)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _threads_option(p, default=threads_default)
 
@@ -98,6 +101,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
+    # The options a config file can set default to None here: `runconfig.resolve` fills them
+    # from --config, else from `runconfig.DEFAULTS` (so a flag beside --config wins).
     p = sub.add_parser(
         "train",
         help="train any model x method x dataset",
@@ -105,28 +110,30 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "dataset and report the test metrics. Defaults depend on the dataset: MultiMNIST "
         "10 epochs, batch 64, Adam 1e-3; NYUv2 and CityScapes the MTAN paper's protocol "
         "(200 epochs, batch 2 / 8, Adam 1e-4, StepLR(100, 0.5)); synthetic scenes 10 epochs, "
-        "batch 16, Adam 1e-3, width 1/4.",
-        epilog="Example: gradbalance train --data synthetic --model mtan --method dwa --quick",
+        "batch 16, Adam 1e-3, width 1/4. Writes the run folder --out: config.json (every "
+        "option, resolved), steps.csv, epochs.csv, checkpoint.pt, run.png (and tb/ with "
+        "--tensorboard).",
+        epilog="Example: gradbalance train --data synthetic --model mtan --method dwa --quick; "
+        "again: gradbalance train --config gradbalance-runs/synthetic-mtan-dwa/config.json",
     )
     p.add_argument(
-        "--data", choices=recipes.DATASETS, default="multimnist", help="default multimnist"
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="run the configuration of a run folder's config.json; flags given beside it "
+        "override its values",
     )
+    p.add_argument("--data", choices=recipes.DATASETS, help="default multimnist")
     p.add_argument(
         "--model",
         type=options.model_name,
         help="a registered model (default: multilenet for multimnist, split otherwise)",
     )
-    p.add_argument(
-        "--method",
-        type=options.method_name,
-        default="equal",
-        help="a registered method (default equal)",
-    )
+    p.add_argument("--method", type=options.method_name, help="a registered method (default equal)")
     p.add_argument(
         "--method-arg",
         action="append",
         type=options.key_value,
-        default=[],
         metavar="KEY=VALUE",
         help="an option of the method, repeatable (e.g. --method-arg alpha=1.5)",
     )
@@ -134,25 +141,35 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=options.positive_int)
     p.add_argument("--batch-size", type=options.positive_int)
     p.add_argument("--lr", type=options.positive_float)
-    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    p.add_argument("--optimizer", choices=("adam", "sgd"), help="default adam")
     p.add_argument("--width", type=options.positive_float, help="the model's width multiplier")
     p.add_argument(
         "--engine",
         choices=engine.STRATEGIES,
-        default="auto",
-        help="how per-task gradients are computed (gradient methods only)",
+        help="how per-task gradients are computed (gradient methods only; default auto)",
     )
     p.add_argument("--root", type=Path, help="dataset folder (NYUv2, CityScapes)")
-    p.add_argument("--augment", action="store_true", help="scale-crop-flip (NYUv2, CityScapes)")
     p.add_argument(
-        "--device",
-        type=options.device,
-        default="cpu",
-        help="torch device (cpu, cuda, cuda:1, ...)",
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        help="scale-crop-flip (NYUv2, CityScapes; default off)",
     )
-    p.add_argument("--quick", action="store_true", help="a few seconds: tiny data, 1 epoch")
+    p.add_argument(
+        "--device", type=options.device, help="torch device (cpu, cuda, cuda:1, ...; default cpu)"
+    )
+    p.add_argument(
+        "--quick",
+        action=argparse.BooleanOptionalAction,
+        help="a few seconds: tiny data, 1 epoch (default off)",
+    )
     p.add_argument("--out", type=Path, help="default ./gradbalance-runs/<data>-<model>-<method>")
-    _run_options(p, "0 to 2**64-1")
+    p.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write TensorBoard event files to <out>/tb (needs pip install "
+        "gradbalance[tensorboard])",
+    )
+    _run_options(p, "0 to 2**64-1 (default 0)", seed_default=None)
     p.set_defaults(run=train.run, subparser=p)
 
 

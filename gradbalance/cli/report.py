@@ -1,4 +1,5 @@
-"""What the commands print and write: text tables, CSV files, durations and the demo figure."""
+"""What the commands print and write: text tables, CSV files, durations, the demo's figure and
+the figure of a ``gradbalance train`` run."""
 
 from __future__ import annotations
 
@@ -12,7 +13,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["demo_figure", "fmt_time", "moving_average", "table", "write", "write_csv"]
+__all__ = [
+    "demo_figure",
+    "fmt_time",
+    "moving_average",
+    "run_figure",
+    "table",
+    "write",
+    "write_csv",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -200,3 +209,51 @@ def _relative_error_panel(ax: Any, runs: Sequence[Any], tasks: Sequence[str], ba
     ax.grid(alpha=0.3, axis="y")
     if methods:
         ax.legend(fontsize="small", ncol=min(4, len(methods)))
+
+
+def run_figure(history: Any, path: Path, title: str, steps_per_epoch: int) -> bool:
+    """A ``gradbalance train`` run's figure: the losses and weights per step (top), one panel
+    per test metric over the epochs (below).
+
+    ``history`` is the run's `gradbalance.training.History`. Returns whether the figure was
+    written: ``False`` when matplotlib is not installed (a warning says what to install).
+    """
+    try:  # optional dependency (the ``examples`` extra): imported only when drawing
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        logger.warning("matplotlib is not installed: no figure (pip install gradbalance[examples])")
+        return False
+    steps, tasks = history.steps, history.tasks
+    metrics = [k for k in (history.epochs[0] if history.epochs else {}) if k != "epoch"]
+    per_row = 4
+    rows = 1 + math.ceil(len(metrics) / per_row)
+    fig = Figure(figsize=(12, 3.2 * rows), layout="constrained")
+    grid = fig.add_gridspec(rows, per_row)
+    x = [(row["step"] + 1) / max(1, steps_per_epoch) for row in steps]
+    window = max(1, len(steps) // 150)
+    note = f" (mean of {window} steps)" if window > 1 else ""
+    for col, (kind, label) in enumerate((("loss", "training loss"), ("weight", "task weight"))):
+        ax = fig.add_subplot(grid[0, 2 * col : 2 * col + 2])
+        for i, task in enumerate(tasks):
+            values = moving_average([row[f"{kind}/{task}"] for row in steps], window)
+            ax.plot(x, values, color=f"C{i % 10}", lw=1.2, label=task)
+        losses = [v for row in steps for k, v in row.items() if k.startswith("loss/")]
+        if kind == "loss" and losses and min(losses) > 0 and max(losses) > 10 * min(losses):
+            ax.set_yscale("log")  # losses of different scales
+        ax.set_title(f"{label} per step{note}", fontsize="medium")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if col == 0:
+            ax.legend(fontsize="x-small", ncol=2 if len(tasks) > 4 else 1)
+    epochs = [row["epoch"] + 1 for row in history.epochs]
+    for j, name in enumerate(metrics):
+        ax = fig.add_subplot(grid[1 + j // per_row, j % per_row])
+        ax.plot(epochs, [row[name] for row in history.epochs], marker=".", color="C0")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(f"test {name}", fontsize="medium")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=100)
+    return True

@@ -1,7 +1,9 @@
-"""``gradbalance train``: any registered model x method x dataset, from flags.
+"""``gradbalance train``: any registered model x method x dataset, from flags or a run's
+``config.json``.
 
 Every combination either trains or stops with a usage error (exit status 2) that says what to
-use instead; the checks run in the order of `run`, before the first training step.
+use instead; the checks run in the order of `run`, before the first training step. The run
+folder (``--out``) is written by `gradbalance.cli.rundir`.
 """
 
 from __future__ import annotations
@@ -15,15 +17,14 @@ from typing import Any, NoReturn, cast
 import torch
 
 from gradbalance import models
-from gradbalance.cli import recipes
+from gradbalance.cli import recipes, runconfig, rundir
 from gradbalance.cli.errors import CommandError
 from gradbalance.cli.options import first_line
 from gradbalance.cli.outdir import check_out, make_out
-from gradbalance.cli.report import fmt_time, table, write, write_csv
+from gradbalance.cli.report import fmt_time, table, write
 from gradbalance.errors import GradBalanceError
 from gradbalance.methods import FEATURES, KPIS, LAST_SHARED_GRAMIAN, Method, get_class
 from gradbalance.models import MultiTaskModel
-from gradbalance.runlog import RunLogger
 from gradbalance.training import TensorLoader, fit, make_evaluator, make_kpi_fn
 
 __all__ = ["needs_shared_parameters", "run"]
@@ -203,9 +204,12 @@ def run(args: argparse.Namespace) -> int:
     """Check every option against the data and the model, train, print the test metrics."""
     parser: argparse.ArgumentParser = args.subparser
     started = time.perf_counter()
+    runconfig.resolve(args, parser)
     model_name = args.model or ("multilenet" if args.data == "multimnist" else "split")
     out = args.out or Path("gradbalance-runs") / f"{args.data}-{model_name}-{args.method}"
-    check_out(parser, out, files=["steps.csv", "epochs.csv"], folders=["tb"])
+    check_out(parser, out, files=rundir.FILES, folders=rundir.FOLDERS)
+    if args.tensorboard:
+        rundir.check_tensorboard(parser)
     data = recipes.train_data(args, parser)
     tasks = data.tasks
     if args.tasks:
@@ -261,8 +265,19 @@ def run(args: argparse.Namespace) -> int:
         f"{args.method}, tasks {list(tasks)}; {args.optimizer} lr {lr:g}, batch {batch_size}, "
         f"{epochs} epochs"
     )
+    config = rundir.resolved_config(
+        args,
+        model=model_name,
+        tasks=list(tasks),
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        width=width if models.describe(model_name).accepts_width else None,
+    )
+    config_text = runconfig.to_json(parser, config)
     make_out(parser, out)
-    with RunLogger(out, "steps") as run_logger:
+    (out / "config.json").write_text(config_text, encoding="utf-8")
+    with rundir.callbacks(out, tensorboard=args.tensorboard) as callbacks:
         try:
             history = fit(
                 model,
@@ -273,7 +288,7 @@ def run(args: argparse.Namespace) -> int:
                 evaluate=make_evaluator(test_loader, tasks, device=device),
                 kpi_fn=kpi_fn,
                 scheduler=scheduler,
-                run_logger=run_logger,
+                callbacks=callbacks,
                 show_progress=not args.no_progress,
                 desc=f"{model_name} + {args.method}",
                 forward=cast("Callable[[torch.Tensor], Any]", model.predict) if use_deep else None,
@@ -284,7 +299,10 @@ def run(args: argparse.Namespace) -> int:
                 f"{model_name} + {args.method} failed during training: {exc} (the steps so "
                 f"far are in {out / 'steps.csv'})"
             ) from None
-    write_csv(out / "epochs.csv", history.epochs)
+    rundir.save_checkpoint(out, model, balancer, scheduler, epochs, config)
+    steps_per_epoch = len(loader)
+    title = f"{args.data}: {model_name} + {args.method}"
+    drawn = rundir.figure(history, out, title, steps_per_epoch)
     final = history.final
     last_n = min(10, len(history.epochs))
     mean = history.mean_of_last(last_n)
@@ -295,5 +313,7 @@ def run(args: argparse.Namespace) -> int:
     w = ", ".join(f"{t}={weights[f'weight/{t}']:.3g}" for t in history.tasks if weights)
     write()
     write(f"final task weights: {w}; {1000 * history.seconds_per_step:.1f} ms/step")
-    write(f"Wrote steps.csv and epochs.csv to {out}/ in {fmt_time(time.perf_counter() - started)}.")
+    written = rundir.written(drawn, args.tensorboard)
+    write(f"Wrote {written} to {out}/ in {fmt_time(time.perf_counter() - started)}.")
+    write(f"Run it again: gradbalance train --config {out / 'config.json'}")
     return 0

@@ -14,9 +14,12 @@ algorithm; each algorithm has its own module:
 
 - `gradbalance.solvers.two_tasks`: the closed form for ``K = 2`` (one Gramian or a batch);
 - `gradbalance.solvers.jacobi`: the Jacobi-scaled problem every path for ``K >= 3`` solves;
-- `gradbalance.solvers.small`: one Gramian on CPU with ``3 <= K <= 24``, a verified NumPy path;
+- `gradbalance.solvers.small`: one Gramian on CPU with ``3 <= K <= 256``, a verified NumPy
+  path (`gradbalance.solvers.numpy_nnqp` beyond ``K = 24``);
 - `gradbalance.solvers.supports`: every support at once for ``3 <= K <= 8``;
 - `gradbalance.solvers.pivoting`: block principal pivoting with an active-set finish, beyond.
+- `gradbalance.solvers.fused`: one Triton launch for a batch (``2 <= K <= 128``): Frank-Wolfe
+  with an exact finish and a certified gap, the default on CUDA when Triton is importable;
 - `gradbalance.solvers.frank_wolfe`: ``method="frank-wolfe"``, the published (inexact) solver.
 """
 
@@ -32,15 +35,17 @@ from torch import Tensor
 from gradbalance.errors import NonFiniteError
 from gradbalance.solvers._threads import cpu_single_thread, is_compiling
 from gradbalance.solvers.frank_wolfe import MAX_ITER, frank_wolfe
+from gradbalance.solvers.fused import fused_available, min_norm_fused
 from gradbalance.solvers.jacobi import jacobi_scale, weights_from
 from gradbalance.solvers.pivoting import default_max_iter, resolve_flags, solve_nnqp
-from gradbalance.solvers.small import SMALL_MAX_K, min_norm_small
+from gradbalance.solvers.small import NUMPY_MAX_K, SMALL_MAX_K, min_norm_small
 from gradbalance.solvers.supports import ENUM_MAX_K, solve_supports
 from gradbalance.solvers.two_tasks import first_weight, first_weight_gap, two_task_weights
 
 __all__ = ["min_norm", "min_norm_gap"]
 
 Method = Literal["exact", "frank-wolfe"]
+Backend = Literal["auto", "torch", "triton"]
 
 _NONFINITE = (
     "min_norm received a Gramian with NaN or infinite entries; a task loss or gradient is not "
@@ -111,6 +116,7 @@ def min_norm(
     early_exit: bool | None = ...,
     check_finite: bool | None = ...,
     method: Method = ...,
+    backend: Backend = ...,
 ) -> Tensor: ...
 
 
@@ -124,6 +130,7 @@ def min_norm(
     early_exit: bool | None = ...,
     check_finite: bool | None = ...,
     method: Method = ...,
+    backend: Backend = ...,
 ) -> tuple[Tensor, Tensor]: ...
 
 
@@ -137,6 +144,7 @@ def min_norm(
     early_exit: bool | None = None,
     check_finite: bool | None = None,
     method: Method = "exact",
+    backend: Backend = "auto",
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""Minimum-norm point of the convex hull of the task gradients, from their Gramian.
 
@@ -168,14 +176,25 @@ def min_norm(
       Jacobi-scaled form), and solved by block principal pivoting with a primal active-set
       (Wolfe / Lawson-Hanson) finish, which stops on the KKT residual.
 
-    A single Gramian with ``3 <= K <= 24`` on CPU (the usual training step) is first solved by
-    Lawson-Hanson's active-set method on NumPy arrays (`gradbalance.solvers.small`), which
-    skips the tensor dispatch the batched code pays per operation; its answer is returned only
-    if its KKT residual is at most ``tol / 8``, otherwise the batched path above solves it.
+    A single Gramian with ``3 <= K <= 256`` on CPU (the usual training step) is first solved
+    on NumPy arrays (`gradbalance.solvers.small`: Lawson-Hanson's active-set method up to
+    ``K = 24``, beyond it `gradbalance.solvers.numpy_nnqp`: block principal pivoting, then an
+    active set with a growing Cholesky factor), which skips the tensor dispatch the batched
+    code pays per operation; its answer is returned only if its KKT residual is at most
+    ``tol / 8``, otherwise the batched path above solves it.
 
-    Differences from the paper's solver: no Frank-Wolfe iterations (the active-set method
-    terminates at the exact optimum instead of approaching it at a sublinear rate), no pairwise
-    initialisation, no clipping; a zero Gramian gives uniform weights.
+    On CUDA with Triton importable (``backend="auto"``, eager mode: under ``torch.compile`` the
+    batched path stays unless ``backend="triton"``), ``2 <= K <= 128`` is instead solved by
+    one fused Triton launch for the whole batch (`gradbalance.solvers.fused`: pairwise
+    Frank-Wolfe steps, then the KKT system on the detected support, kept only with a verified
+    duality gap ``<= tol * max(diag G)``, computed in float64 in the kernel). Problems it does
+    not certify within its budget are solved again by the batched path when ``early_exit``
+    applies (one host read); on the sync-free path (``early_exit=False``) they keep the
+    kernel's feasible iterate, and the returned gap says how far it is.
+
+    Differences from the paper's solver: on the paths above, no Frank-Wolfe iterations (the
+    active-set method terminates at the exact optimum instead of approaching it at a sublinear
+    rate), no pairwise initialisation, no clipping; a zero Gramian gives uniform weights.
 
     Args:
         G: Gramians, shape ``(..., K, K)``, symmetric positive semi-definite (only the
@@ -187,7 +206,10 @@ def min_norm(
             raised to the machine epsilon of the input dtype (``1.2e-7`` for float32), the
             precision to which such a Gramian is known.
         max_iter: iteration budget of the active-set finish for ``K >= 9`` (default
-            ``2K + 20``; the pivoting stages before it use at most 20 solves).
+            ``2K + 20``; the pivoting stages before it use at most 20 solves). The NumPy path
+            for one CPU Gramian with ``K > 24`` and the fused kernel have budgets of their own
+            (``3K + 20`` steps, ``2K + 20`` rounds); an explicit value sends the former's
+            Gramians to the batched engine.
         return_gap: also return the duality gap `min_norm_gap` of the result.
         early_exit: stop iterating once every problem of the batch has converged. Reading
             that boolean is free on CPU, so it is the default there (eager mode); on CUDA and
@@ -202,6 +224,11 @@ def min_norm(
             ``max_iter`` iterations, default 250), for reproducing papers; not exact (``tol``
             does not apply, no warning when the cap fires), computed in the input dtype (float32
             for lower precisions), on CUDA by a Triton kernel when Triton is importable.
+        backend: ``"auto"`` (default: the fused Triton kernel for ``method="exact"`` on CUDA
+            when Triton is importable; for ``"frank-wolfe"`` also on CPU under
+            ``TRITON_INTERPRET=1``), ``"triton"`` (the kernel whenever ``K <= 128``; a CPU
+            tensor then needs ``TRITON_INTERPRET=1``: how the tests run it) or ``"torch"``
+            (never the kernel).
 
     Returns:
         Weights of shape ``(..., K)`` on the simplex, in the dtype and on the device of ``G``
@@ -211,8 +238,11 @@ def min_norm(
         for a converged problem (up to rounding).
 
     Raises:
-        ValueError: if ``G`` is not of shape ``(..., K, K)`` with ``K >= 1`` or ``tol < 0``.
+        ValueError: if ``G`` is not of shape ``(..., K, K)`` with ``K >= 1``, ``tol < 0`` or
+            an unknown ``method`` or ``backend``.
         TypeError: if ``G`` is not a floating-point tensor.
+        RuntimeError: if ``backend="triton"`` cannot run (no Triton, or a CPU tensor without
+            ``TRITON_INTERPRET=1``).
         NonFiniteError: on NaN or infinite entries, when ``check_finite`` applies.
 
     Warns:
@@ -242,6 +272,8 @@ def min_norm(
         raise TypeError(f"min_norm expects a floating-point Gramian, got {G.dtype}")
     if method not in ("exact", "frank-wolfe"):
         raise ValueError(f"method must be 'exact' or 'frank-wolfe', got {method!r}")
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     if not tol >= 0:
         raise ValueError(f"tol must be a non-negative number, got {tol}")
     k = G.shape[-1]
@@ -253,23 +285,53 @@ def min_norm(
     if method == "frank-wolfe":
         if check and not bool(torch.isfinite(G).all()):
             raise NonFiniteError(_NONFINITE)
-        fw, _, fw_gap = frank_wolfe(G, max_iter=MAX_ITER if max_iter is None else iters)
+        fw, _, fw_gap = frank_wolfe(
+            G, max_iter=MAX_ITER if max_iter is None else iters, backend=backend
+        )
         return (fw, fw_gap.to(torch.float64)) if return_gap else fw
-    if k == 2 and G.dim() == 2 and G.device.type == "cpu" and not is_compiling():
+    cpu_fast = G.dim() == 2 and G.device.type == "cpu" and not is_compiling()
+    cpu_fast = cpu_fast and backend != "triton"
+    if k == 2 and cpu_fast:
         # one two-task problem on CPU: the same closed form on Python floats (no tensor op
         # dispatch, no device involved); this is the most common MTL case
         return _two_scalar(G, check, return_gap)
-    if check and not bool(torch.isfinite(G).all()):
-        raise NonFiniteError(_NONFINITE)
     # a Gramian stored in lower precision is only known to its machine epsilon (and is often
     # slightly indefinite after rounding): asking for more than that only burns iterations
     tol = max(tol, torch.finfo(G.dtype).eps) if G.dtype != torch.float64 else tol
-    if 3 <= k <= SMALL_MAX_K and G.dim() == 2 and G.device.type == "cpu" and not is_compiling():
-        fast = min_norm_small(G, tol, return_gap)
+    # the NumPy path beyond SMALL_MAX_K has its own budget: an explicit max_iter is the engine's
+    if (3 <= k <= SMALL_MAX_K or (k <= NUMPY_MAX_K and max_iter is None)) and cpu_fast:
+        # it returns None on non-finite input, which the check below then reports
+        fast = min_norm_small(G, tol, return_gap, large=k > SMALL_MAX_K)
         if fast is not None:
             return fast
+    if check and not bool(torch.isfinite(G).all()):
+        raise NonFiniteError(_NONFINITE)
     batch = G.shape[:-2]
-    g = G.reshape(-1, k, k).to(torch.float64)
+    # under torch.compile the traced batched path stays the default (the kernel launch there is
+    # untested); backend="triton" asks for the kernel anyway
+    if (backend == "triton" or not is_compiling()) and fused_available(G.device, k, backend):
+        w, gap = _fused(G.reshape(-1, k, k), tol, iters, early)
+    else:
+        w, gap = _batched(G.reshape(-1, k, k).to(torch.float64), tol, iters, early)
+    out = w.to(device=G.device, dtype=G.dtype).reshape(*batch, k)
+    return (out, gap.reshape(batch)) if return_gap else out
+
+
+def _fused(g: Tensor, tol: float, iters: int, early: bool) -> tuple[Tensor, Tensor]:
+    """The fused kernel; with ``early`` (one host read), the problems it could not certify are
+    solved again by the batched path (`_batched`), which warns if they still do not converge."""
+    w, gap, certified, _ = min_norm_fused(g, tol)
+    w = w.to(torch.float64)
+    if early and not bool(certified.all()):
+        idx = (~certified).nonzero().squeeze(-1)
+        w_b, gap_b = _batched(g[idx].to(torch.float64), tol, iters, early)
+        w, gap = w.index_copy(0, idx, w_b), gap.index_copy(0, idx, gap_b)
+    return w, gap
+
+
+def _batched(g: Tensor, tol: float, iters: int, early: bool) -> tuple[Tensor, Tensor]:
+    """The batched tensor path on float64 Gramians ``g`` ``(B, K, K)``: ``(w, gap)``."""
+    k = g.shape[-1]
     scale = None
     if k == 1:
         w = torch.ones_like(g[:, 0])
@@ -295,13 +357,9 @@ def min_norm(
                         f"weights (largest scaled KKT residual {float(res.max()):.3g}). "
                         "Increase max_iter.",
                         RuntimeWarning,
-                        stacklevel=2,
+                        stacklevel=4,
                     )
         # an all-zero Gramian (every gradient zero): every w is optimal, return the uniform one
         w = torch.where(positive.unsqueeze(-1), w, 1.0 / k)
-    out = w.to(device=G.device, dtype=G.dtype).reshape(*batch, k)
-    if return_gap:
-        gap = _gap(0.5 * (g + g.mT), w)  # on the symmetric part, in relative units for K >= 3
-        gap = gap if scale is None else gap * scale.clamp_min(0)
-        return out, gap.reshape(batch)
-    return out
+    gap = _gap(0.5 * (g + g.mT), w)  # on the symmetric part, in relative units for K >= 3
+    return w, (gap if scale is None else gap * scale.clamp_min(0))

@@ -1,4 +1,4 @@
-"""One small min-norm problem on the CPU, solved with NumPy scalars-sized arrays.
+"""One min-norm problem on the CPU, solved on NumPy arrays.
 
 `gradbalance.solvers.min_norm` solves batches with tensor code built for throughput: every
 step is a batched tensor operation, which costs a few microseconds of dispatch even on an 8 × 8
@@ -7,10 +7,16 @@ most of its time in dispatch. This module solves that case with Lawson and Hanso
 method on NumPy arrays (about a microsecond per operation). It is only a fast path:
 `min_norm_small` verifies the KKT residual of its answer and returns ``None`` (the caller then
 uses the batched solver) when it does not meet the tolerance or when a linear system is
-singular, so the guarantees do not change.
+singular, so the guarantees do not change. Beyond ``SMALL_MAX_K`` tasks (up to
+``NUMPY_MAX_K``) the same Jacobi-scaled problem goes to `gradbalance.solvers.numpy_nnqp`
+(pivoting, then an active set with a growing Cholesky factor), verified the same way, with
+NumPy's BLAS held to one thread where ``threadpoolctl`` is importable (on a busy machine a
+second BLAS thread made K = 128 solves several times slower).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import torch
@@ -18,12 +24,32 @@ from scipy.linalg.lapack import dgesv as _dgesv
 from torch import Tensor
 
 from gradbalance.solvers.jacobi import NORM_FLOOR
+from gradbalance.solvers.numpy_nnqp import solve_numpy_nnqp
 from gradbalance.solvers.pivoting import RIDGE
 
-__all__ = ["SMALL_MAX_K", "min_norm_small", "solve_small"]
+__all__ = ["NUMPY_MAX_K", "SMALL_MAX_K", "min_norm_small", "solve_small"]
 
-#: Largest number of tasks the fast path takes (beyond it the batched solver is as fast).
+#: Largest number of tasks solved by Lawson-Hanson with a full solve per step (`solve_small`).
 SMALL_MAX_K = 24
+#: Largest number of tasks the NumPy path takes (`gradbalance.solvers.numpy_nnqp` beyond
+#: ``SMALL_MAX_K``); the batched solver takes larger ones.
+NUMPY_MAX_K = 256
+
+_BLAS: list = []  # the threadpoolctl controller, created at first use (None without it)
+
+
+def _one_blas_thread() -> contextlib.AbstractContextManager[object]:
+    """A context holding NumPy's BLAS to one thread (a no-op without threadpoolctl)."""
+    if not _BLAS:
+        try:
+            from threadpoolctl import ThreadpoolController  # type: ignore[import-untyped]
+
+            _BLAS.append(ThreadpoolController())
+        except Exception:  # optional: not a dependency of the package
+            _BLAS.append(None)
+    return (
+        contextlib.nullcontext() if _BLAS[0] is None else _BLAS[0].limit(limits=1, user_api="blas")
+    )
 
 
 def _solve_on(q: np.ndarray, idx: np.ndarray, b: np.ndarray) -> np.ndarray | None:
@@ -40,8 +66,8 @@ def _warm_start(q: np.ndarray, b: np.ndarray) -> np.ndarray:
     restricted to its support, as the method requires of its iterates."""
     k = q.shape[0]
     u = np.zeros(k)
-    z = _solve_on(q, np.arange(k), b)
-    if z is None:
+    _, _, z, info = _dgesv(q, b)  # the full support: no gather
+    if info != 0 or not np.all(np.isfinite(z)):
         return u
     if np.all(z > 0):
         return z
@@ -108,26 +134,35 @@ def _active_set(q0: np.ndarray, b: np.ndarray, ridge: float, max_iter: int) -> n
 
 
 def min_norm_small(
-    G: Tensor, tol: float, return_gap: bool
+    G: Tensor, tol: float, return_gap: bool, large: bool = False
 ) -> Tensor | tuple[Tensor, Tensor] | None:
-    """The min-norm weights of one ``(K, K)`` Gramian on CPU (``3 <= K <= SMALL_MAX_K``), or
+    """The min-norm weights of one ``(K, K)`` Gramian on CPU (``3 <= K <= NUMPY_MAX_K``), or
     ``None`` to send the caller to the batched solver.
 
-    `solve_small` on the Jacobi-scaled problem (`gradbalance.solvers.jacobi`, here on NumPy
-    arrays), accepted only with a verified KKT residual of at most ``tol / 8``. With
-    ``return_gap``, also the duality gap (float64, units of ``G``).
+    `solve_small` (``large=False``, for ``K <= SMALL_MAX_K``) or
+    `gradbalance.solvers.numpy_nnqp` (``large=True``) on the Jacobi-scaled problem
+    (`gradbalance.solvers.jacobi`, here on NumPy arrays), accepted only with a verified KKT
+    residual of at most ``tol / 8``. With ``return_gap``, also the duality gap (float64, units
+    of ``G``).
     """
     k = G.shape[-1]
-    g = G.to(torch.float64).numpy()
+    g = (G if G.dtype == torch.float64 else G.to(torch.float64)).numpy()
+    if not np.isfinite(g).all():
+        return None  # the caller reports it (or returns NaN weights)
     g = 0.5 * (g + g.T)
-    scale = float(np.diagonal(g).max())
+    diag = g.diagonal()
+    scale = float(diag.max())
     if not scale > 0:
         return None  # a zero Gramian: the batched path returns the uniform weights
-    norms = np.sqrt(np.maximum(np.diagonal(g), 0.0))
+    norms = np.sqrt(np.maximum(diag, 0.0))
     d = np.maximum(norms, norms.max() * NORM_FLOOR)
     b = d.min() / d
-    q = g / d[:, None] / d[None, :] + np.outer(b, b)
-    x = solve_small(q, b, RIDGE, 3 * k + 20)
+    q = g / d[:, None] / d + b[:, None] * b  # in this order: no overflow (|g_ij| <= d_i d_j)
+    if large:
+        with _one_blas_thread():
+            x = solve_numpy_nnqp(q + RIDGE * np.eye(k), b, 3 * k + 20)
+    else:
+        x = solve_small(q, b, RIDGE, 3 * k + 20)
     if x is None:
         return None
     y = q @ x - b
@@ -136,7 +171,8 @@ def min_norm_small(
         return None
     u = b * x
     w = u / u.sum()
-    out = torch.from_numpy(w).to(G.dtype)
+    out = torch.from_numpy(w)
+    out = out if G.dtype == torch.float64 else out.to(G.dtype)
     if return_gap:
         gw = g @ w
         gap = max(float(w @ gw - gw.min()), 0.0)

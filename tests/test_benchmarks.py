@@ -83,3 +83,18 @@ def test_solver_benchmark_small():
     ours = [r for r in rows if r[0] == "gradbalance"]
     assert [r[1] for r in ours] == ["2", "4"]
     assert all(float(r[5]) < 1e-9 for r in ours)  # relative duality gap of min_norm
+
+
+def test_gpu_benchmark_runs_on_the_cpu(tmp_path):
+    """benchmarks/gpu.py --device cpu --quick writes its three tables; the sync table's
+    device-skip column shows no host read for equal (the CUDA path, run on the CPU)."""
+    out = tmp_path / "gpu"
+    _run("benchmarks/gpu.py", "--device", "cpu", "--quick", "--out", str(out))
+    assert sorted(p.name for p in out.iterdir()) == ["solver.md", "step.md", "syncs.md"]
+    step = (out / "step.md").read_text()
+    rows = _table_rows(step, "| model | K | method |")
+    methods = {r[2] for r in rows}
+    assert {"plain", "equal", "mgda (parameters)", "mgda (representation)", "upgrad"} <= methods
+    syncs = _table_rows((out / "syncs.md").read_text(), "| method |")
+    by_method = {r[0]: r for r in syncs}
+    assert by_method["equal"][1] == "0" and int(by_method["equal"][4]) > 0

@@ -222,6 +222,7 @@ def load(
         raise
     state.steps = counters["steps"]
     state.skipped = counters["skipped_steps"]
+    state.found = state.device_skipped = state.device_unstepped = None
     engines.load_state_dict(meta)
     state.pending.clear()
     state.skip_next_step = False

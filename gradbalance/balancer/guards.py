@@ -16,8 +16,10 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
+from gradbalance import _graph
 from gradbalance._torch_compat import HAS_FUSED_NONFINITE_CHECK, fused_nonfinite_flag
-from gradbalance.errors import NonFiniteError, SolverError
+from gradbalance.balancer.parameters import ParameterSet
+from gradbalance.errors import GradBalanceError, NonFiniteError, SolverError
 from gradbalance.methods import Method, StepInputs
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "check_policy",
     "check_weights",
     "checked_direction",
+    "explain_sparse_failure",
     "nonfinite_params",
     "nonfinite_tasks",
 ]
@@ -148,12 +151,13 @@ def nonfinite_params(
     return [label(params[i]) for (i, _), ok in zip(checks, flags.tolist()) if not ok]
 
 
-def check_weights(weights: Tensor, k: int) -> None:
-    """Raise `SolverError` unless the method returned ``k`` finite weights."""
+def check_weights(weights: Tensor, k: int, *, finite: bool = True) -> None:
+    """Raise `SolverError` unless the method returned ``k`` weights, finite (one host read)
+    unless ``finite`` is false."""
     if not isinstance(weights, Tensor) or weights.shape != (k,):
         shape = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
         raise SolverError(f"the method returned weights of shape {shape}, expected ({k},)")
-    if not all(math.isfinite(v) for v in weights.detach().tolist()):
+    if finite and not all(math.isfinite(v) for v in weights.detach().tolist()):
         raise SolverError(
             f"the method returned non-finite weights {weights.detach().tolist()}; "
             "nothing was applied"
@@ -190,3 +194,35 @@ def checked_direction(
             )
         out.append(c if scale is None else c * scale.to(c.dtype))
     return out
+
+
+def explain_sparse_failure(
+    method: Method, engine: str, params: ParameterSet, losses: list[Tensor], exc: BaseException
+) -> None:
+    """After the engine failed: raise a clear error if a parameter whose per-task gradients
+    the engine stacks receives sparse gradients (``nn.Embedding(sparse=True)``)."""
+    if not method.is_gradient_method() or engine == "representation":
+        return
+    label: Callable[[Tensor], str] = params.label
+    shared = params.shared
+    sparse = _graph.sparse_gradient_leaves(losses)
+    named = [label(p) for p in shared if id(p) in sparse]
+    if named:
+        raise GradBalanceError(
+            f"{', '.join(named)} receives sparse gradients (nn.Embedding(sparse=True)?), "
+            f"but method {method.name!r} needs the dense per-task gradients of the "
+            "shared parameters; build it with sparse=False, leave it out of shared=..., or "
+            "use a loss weighting method (task-specific sparse parameters are fine)"
+        ) from exc
+    if engine == "batched":
+        shared_ids = {id(p) for p in shared}
+        others = [
+            label(p)
+            for p in params.optimizer_params()
+            if id(p) not in shared_ids and id(p) in sparse
+        ]
+        if others:
+            raise GradBalanceError(
+                f"{', '.join(others)} receive(s) sparse gradients, which engine='batched' "
+                "(vmap) cannot compute; use engine='loop' or 'auto'"
+            ) from exc

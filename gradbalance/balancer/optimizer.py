@@ -18,9 +18,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from gradbalance import distributed as _distributed
-from gradbalance.balancer import binding, checkpoint, inputs
+from gradbalance.balancer import binding, checkpoint, deferred, inputs
 from gradbalance.balancer.commit import agree, check_mode, resolve_sync
-from gradbalance.balancer.guards import check_policy
+from gradbalance.balancer.guards import check_policy, explain_sparse_failure
 from gradbalance.balancer.parameters import ParameterSet, check_declared
 from gradbalance.balancer.proxy import InnerOptimizerProxy
 from gradbalance.balancer.readout import BalancerReadout
@@ -192,6 +192,7 @@ class GradBalancer(BalancerReadout, InnerOptimizerProxy):
         self._state.pending.clear()
         self._state.skip_next_step = False
         self._state.unsynced = False
+        self._state.found = None
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -297,7 +298,7 @@ class GradBalancer(BalancerReadout, InnerOptimizerProxy):
             if isinstance(exc, (RuntimeError, NotImplementedError)) and not isinstance(
                 exc, GradBalanceError
             ):
-                self._pipeline.explain_failure(call.losses, exc)
+                explain_sparse_failure(method, self._engines.name, self._params, call.losses, exc)
             raise
         if not retain_graph:
             inputs.mark_consumed(call.losses)
@@ -347,26 +348,33 @@ class GradBalancer(BalancerReadout, InnerOptimizerProxy):
                 "calls made inside no_sync(); call backward() once outside no_sync() before "
                 "step(), so that they are averaged over the ranks"
             )
-        if closure is None:
-            self.optimizer.step()
-        else:
-            first = [result]
+        found, state.found = state.found, None
+        first = [result]
 
-            def evaluate() -> Any:
-                if first:
-                    return first.pop()
-                with torch.enable_grad():
-                    return closure()
+        def evaluate() -> Any:
+            if first:
+                return first.pop()
+            with torch.enable_grad():
+                return closure()  # type: ignore[misc]
 
-            result = self.optimizer.step(evaluate)
+        def run_inner() -> Any:
+            return self.optimizer.step() if closure is None else self.optimizer.step(evaluate)
+
+        if found is not None:  # the backwards were skipped (or not) on the device
+            stepped = deferred.step_masked(
+                self.optimizer, self.method, state, found, run_inner, closure is not None
+            )
+            state.found = None  # what a closure's re-evaluations found decides nothing
+            return result if stepped is None else stepped
+        stepped = run_inner()
+        if closure is not None:
+            result = stepped
             # a re-evaluation skipped for a non-finite loss must not skip the next step
             state.skip_next_step = False
-        balanced = bool(state.pending)
         for step_inputs, weights in state.pending:
             self.method.update(step_inputs, weights)
+        state.steps += bool(state.pending)
         state.pending.clear()
-        if balanced:
-            state.steps += 1
         return result
 
     # ------------------------------------------------------------------ epochs
@@ -394,6 +402,7 @@ class GradBalancer(BalancerReadout, InnerOptimizerProxy):
         older layout ``{"optimizer", "method", "balancer"}``. Holds only tensors and plain
         Python values, so ``torch.load(weights_only=True)`` reads it back.
         """
+        self._state.settle()  # the device's skip counts, read once
         return checkpoint.pack(
             self.optimizer.state_dict(),
             self.method.state_dict(),

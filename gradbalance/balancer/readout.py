@@ -66,13 +66,15 @@ class BalancerReadout:
 
     @property
     def steps(self) -> int:
-        """How many steps were applied (skipped steps not counted)."""
-        return self._state.steps
+        """How many steps were applied (skipped steps not counted; after steps skipped on the
+        device, reading this waits for the device)."""
+        return self._state.counts()[0]
 
     @property
     def skipped_steps(self) -> int:
-        """How many steps were skipped for a non-finite loss or gradient (``nonfinite="skip"``)."""
-        return self._state.skipped
+        """How many steps were skipped for a non-finite loss or gradient (``nonfinite="skip"``;
+        after steps skipped on the device, reading this waits for the device)."""
+        return self._state.counts()[1]
 
     @property
     def last_weights(self) -> Tensor | None:

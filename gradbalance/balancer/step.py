@@ -14,22 +14,25 @@ which goes through the same stages whatever the method:
 5. **commit**: averaged over ranks and checked on every rank alike, or checked and written.
 
 A non-finite value found at any stage raises `gradbalance.balancer.guards.SkipStep`, caught once
-in `StepPipeline.run`; nothing has been written by then. The method's state update is only
-recorded here (``pending``) and applied by ``GradBalancer.step``.
+in `StepPipeline.run`; nothing has been written by then. Off the CPU
+(`gradbalance.balancer.deferred`) the same checks OR a flag on the device instead: under
+``"skip"`` the commit writes through it, under ``"raise"`` it is read once before the write. The
+method's state update is only recorded here (``pending``) and applied by ``GradBalancer.step``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
-from gradbalance import _graph
 from gradbalance._linalg import gramian
 from gradbalance.balancer.commit import commit, finish_gramian, rank_error, write
+from gradbalance.balancer.context import StepContext, Update
+from gradbalance.balancer.deferred import DeviceSkip, wants_device_checks
 from gradbalance.balancer.guards import (
     SkipStep,
     apply_policy,
@@ -41,57 +44,13 @@ from gradbalance.balancer.guards import (
 from gradbalance.balancer.inputs import stack_losses, weighted_sum
 from gradbalance.balancer.parameters import ParameterSet, check_reached
 from gradbalance.balancer.state import StepState
-from gradbalance.distributed import Synchronizer
 from gradbalance.engine import EngineChoice, Request, RowsHook, TaskGradients, objective_gradients
-from gradbalance.errors import GradBalanceError, UnreachedParameterError
+from gradbalance.errors import UnreachedParameterError
 from gradbalance.methods import JACOBIAN, LAST_SHARED_GRAMIAN, Method, StepInputs
 
 __all__ = ["StepContext", "StepPipeline", "Update"]
 
-
-class StepContext(NamedTuple):
-    """One `backward` call's validated inputs.
-
-    Attributes:
-        tasks: the task names, in the balancer's order.
-        losses: the losses in that order (unscaled).
-        call_order: for each loss of the call, its index in ``tasks`` order.
-        kpis: the KPIs (DTP) or ``None``.
-        features: the features passed to `backward` that the engine uses (may be empty).
-        scale: the GradScaler's scale, or ``None``.
-        retain_graph: keep the graph after the step's last backward.
-        sync: the synchroniser, or ``None`` without a process group.
-        bound: the tasks were bound before this call (not its first step).
-    """
-
-    tasks: tuple[str, ...]
-    losses: list[Tensor]
-    call_order: list[int]
-    kpis: Tensor | None
-    features: list[Tensor]
-    scale: Tensor | None
-    retain_graph: bool
-    sync: Synchronizer | None
-    bound: bool
-
-
-class Update(NamedTuple):
-    """What stage 4 produced: the gradients to write.
-
-    Attributes:
-        params: the tensors whose ``.grad`` receives ``grads``.
-        grads: one gradient per tensor (``None``: nothing to add).
-        is_global: per tensor, whether its gradient is already the same on every rank.
-        source: ``"loss"`` (the gradient of the weighted loss), ``"gradient"`` (an update
-            from checked Jacobian rows: without a process group, nothing is left to check) or
-            ``"memory"`` (one weighted backward). It decides the checks and their messages,
-            which are built only when a check fails.
-    """
-
-    params: list[Tensor]
-    grads: list[Tensor | None]
-    is_global: list[bool]
-    source: str
+T = TypeVar("T")
 
 
 class StepPipeline:
@@ -103,6 +62,12 @@ class StepPipeline:
         engines: the balancer's `gradbalance.engine.EngineChoice`.
         state: the balancer's `StepState`.
         policy: ``nonfinite=``: ``"raise"`` or ``"skip"``.
+
+    Attributes:
+        device_checks: ``None`` (default): check finiteness on the device everywhere but on the
+            CPU (`gradbalance.balancer.deferred`: no host read under ``nonfinite="skip"``, one
+            under ``"raise"``); ``True`` or ``False`` forces the choice (tests use ``True`` to
+            run that path on the CPU).
     """
 
     def __init__(
@@ -118,9 +83,19 @@ class StepPipeline:
         self.engines = engines
         self.state = state
         self.policy = policy
+        self.device_checks: bool | None = None
+        self._mask: DeviceSkip | None = None
 
     def run(self, ctx: StepContext) -> Tensor:
         """Balance one step; returns the weights in the order of the call (NaN if skipped)."""
+        device = ctx.losses[0].device
+        self._mask = (
+            DeviceSkip(device, raising=self.policy == "raise")
+            if ctx.scale is None
+            and ctx.sync is None
+            and wants_device_checks(device, self.device_checks)
+            else None
+        )
         try:
             inputs, weights, gram = self._stages(ctx)
         except SkipStep as skip:
@@ -134,17 +109,31 @@ class StepPipeline:
         if loss_only:
             inputs = self._measure_last_layer(ctx, detached, kpis)
             weights = method.weights(inputs)
-            check_weights(weights, len(ctx.tasks))
+            self._check_weights(weights, len(ctx.tasks))
             update = self._loss_update(ctx, inputs, weights, stacked)
             gram = None
         else:
             request, engine, result, inputs = self._measure_gradients(ctx, detached, kpis)
             weights = method.weights(inputs).detach()
-            check_weights(weights, len(ctx.tasks))
+            self._check_weights(weights, len(ctx.tasks))
             update = self._gradient_update(ctx, request, engine, result, inputs, weights)
             gram = inputs.gramian
         self._commit(ctx, update)
         return inputs, weights, gram
+
+    def _check_weights(self, weights: Tensor, k: int) -> None:
+        check_weights(weights, k, finite=self._mask is None)
+        if self._mask is not None:
+            self._guard(lambda: check_weights(weights, k), weights, DeviceSkip.weights)
+
+    def _guard(self, check: Callable[[], None], value: T, flag: Callable[[DeviceSkip, T], T]) -> T:
+        """Run a host check now; or, under the device checks, flag ``value`` on the device
+        (returning what ``flag`` returns) and keep ``check`` to name what a raised flag found."""
+        if self._mask is None:
+            check()
+            return value
+        self._mask.note(check)
+        return flag(self._mask, value)
 
     # ------------------------------------------------------------------ 1. losses
     def _losses(
@@ -169,12 +158,15 @@ class StepPipeline:
                 sync.mean_(reduced)
             if kpis is not None:
                 kpis = kpis_here.to(kpis.device)
-        # one host transfer of K numbers, checked in Python (cheaper than isfinite + all)
-        bad = [ctx.tasks[i] for i, v in enumerate(detached.tolist()) if not math.isfinite(v)]
-        if bad:
-            where = " (on some rank)" if sync is not None else ""
-            raise SkipStep(f"the loss of task(s) {bad} is not finite{where}")
-        return stacked, detached, kpis
+
+        def check(values: Tensor = detached) -> None:
+            # one host transfer of K numbers, checked in Python (cheaper than isfinite + all)
+            bad = [ctx.tasks[i] for i, v in enumerate(values.tolist()) if not math.isfinite(v)]
+            if bad:
+                where = " (on some rank)" if sync is not None else ""
+                raise SkipStep(f"the loss of task(s) {bad} is not finite{where}")
+
+        return stacked, self._guard(check, detached, DeviceSkip.losses), kpis
 
     # ------------------------------------------------------------------ 2. measure
     def _rows_hook(self, ctx: StepContext) -> RowsHook | None:
@@ -207,11 +199,14 @@ class StepPipeline:
                 ctx.scale,
                 rank_local=sync is not None and not sync.exact,
             )
-            bad = nonfinite_tasks(last_gram, ctx.tasks)
-            if bad:
-                raise SkipStep(
-                    f"the gradient of task(s) {bad} on the last shared layer is not finite"
-                )
+
+            def check(g: Tensor = last_gram) -> None:
+                if bad := nonfinite_tasks(g, ctx.tasks):
+                    raise SkipStep(
+                        f"the gradient of task(s) {bad} on the last shared layer is not finite"
+                    )
+
+            last_gram = self._guard(check, last_gram, DeviceSkip.gramian)
         return StepInputs(
             tasks=ctx.tasks,
             losses=detached,
@@ -256,16 +251,21 @@ class StepPipeline:
             # G = Σ_r G_r / R², the Gramian of the global batch's mean loss
             samples_per_rank=representation,
         )
-        bad = nonfinite_tasks(gram, ctx.tasks)
-        if bad:
-            raise SkipStep(
-                f"the gradient of task(s) {bad} on the shared "
-                f"{'features' if representation else 'parameters'} is not finite"
-            )
-        if sync is None and result.has_jacobian:
-            bad = nonfinite_params(others, result.others, params.label)
-            if bad:
+
+        def check_gram(g: Tensor = gram) -> None:
+            if bad := nonfinite_tasks(g, ctx.tasks):
+                raise SkipStep(
+                    f"the gradient of task(s) {bad} on the shared "
+                    f"{'features' if representation else 'parameters'} is not finite"
+                )
+
+        def check_others() -> None:
+            if bad := nonfinite_params(others, result.others, params.label):
                 raise SkipStep(f"the gradient of the {', '.join(bad)} is not finite")
+
+        gram = self._guard(check_gram, gram, DeviceSkip.gramian)
+        if sync is None and result.has_jacobian:
+            self._guard(check_others, result.others, DeviceSkip.tensors)
         inputs = StepInputs(
             tasks=ctx.tasks,
             losses=detached,
@@ -306,10 +306,13 @@ class StepPipeline:
             direction = checked_direction(self.method, inputs, weights, result.rows, ctx.scale)
         update = engine.update(request, result, weights, direction)  # type: ignore[attr-defined]
         shared, others = list(request.shared), list(request.others)
-        if self.engines.name == "representation" and ctx.sync is None:
-            bad = nonfinite_params(shared, update, self.params.label)
-            if bad:
+
+        def check() -> None:
+            if bad := nonfinite_params(shared, update, self.params.label):
                 raise SkipStep(f"the trunk gradient is not finite in {bad}")
+
+        if self.engines.name == "representation" and ctx.sync is None:
+            self._guard(check, update, DeviceSkip.tensors)
         # the update is the same on every rank where it comes from the averaged rows
         is_global = request.rows_hook is not None and result.has_jacobian
         return Update(
@@ -338,15 +341,24 @@ class StepPipeline:
                 self.params.label,
             )
             return
-        if update.source != "gradient":
-            bad = nonfinite_params(update.params, update.grads, self.params.label)
-            if bad:
+
+        def check() -> None:
+            if bad := nonfinite_params(update.params, update.grads, self.params.label):
                 if update.source == "loss":
                     raise SkipStep(
                         f"the gradient of the weighted loss is not finite in {bad} although "
                         f"every loss of {list(ctx.tasks)} is finite"
                     )
                 raise SkipStep(f"the balanced gradient is not finite in {bad}")
+
+        if update.source != "gradient":
+            self._guard(check, update.grads, DeviceSkip.tensors)
+        mask = self._mask
+        if mask is not None and not mask.raising:
+            mask.write(update.params, update.grads)
+            return
+        if mask is not None:
+            mask.settle()  # "raise": the one host read, before anything is written
         write(update.params, update.grads)
 
     # ------------------------------------------------------------------ the end
@@ -356,6 +368,8 @@ class StepPipeline:
         state = self.state
         w = weights.detach() if weights.requires_grad else weights
         state.pending.append((inputs, w))
+        if self._mask is not None and not self._mask.raising:  # skipped on the device: NaN
+            w = self._mask.record(state, w)
         state.last_weights = w  # `last_weights` converts (and copies) on access
         state.last_losses = inputs.losses
         state.last_gramian = gram
@@ -372,36 +386,6 @@ class StepPipeline:
             self.state.skip_next_step = True
         self.state.last_weights = nan
         return nan
-
-    # ------------------------------------------------------------------ errors
-    def explain_failure(self, losses: list[Tensor], exc: BaseException) -> None:
-        """After the engine failed: raise a clear error if a parameter whose per-task gradients
-        the engine stacks receives sparse gradients (``nn.Embedding(sparse=True)``)."""
-        if not self.method.is_gradient_method() or self.engines.name == "representation":
-            return
-        label: Callable[[Tensor], str] = self.params.label
-        shared = self.params.shared
-        sparse = _graph.sparse_gradient_leaves(losses)
-        named = [label(p) for p in shared if id(p) in sparse]
-        if named:
-            raise GradBalanceError(
-                f"{', '.join(named)} receives sparse gradients (nn.Embedding(sparse=True)?), "
-                f"but method {self.method.name!r} needs the dense per-task gradients of the "
-                "shared parameters; build it with sparse=False, leave it out of shared=..., or "
-                "use a loss weighting method (task-specific sparse parameters are fine)"
-            ) from exc
-        if self.engines.name == "batched":
-            shared_ids = {id(p) for p in shared}
-            others = [
-                label(p)
-                for p in self.params.optimizer_params()
-                if id(p) not in shared_ids and id(p) in sparse
-            ]
-            if others:
-                raise GradBalanceError(
-                    f"{', '.join(others)} receive(s) sparse gradients, which engine='batched' "
-                    "(vmap) cannot compute; use engine='loop' or 'auto'"
-                ) from exc
 
 
 def _unscaled_rows(result: TaskGradients, scale: Tensor | None) -> tuple[Tensor | None, ...]:

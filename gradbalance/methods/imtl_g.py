@@ -82,6 +82,8 @@ class IMTLG(Method):
 
     def weights(self, inputs: StepInputs) -> Tensor:
         g = checked_gramian(inputs, "IMTL-G")
+        if not host_checks(g):
+            return _device_weights(g)
         norms = g.diagonal().clamp_min(0.0).sqrt()
         top = norms.max()
         if not bool(top > 0):
@@ -102,3 +104,29 @@ class IMTLG(Method):
                 "skip this step, or use another method"
             )
         return v / total.abs()
+
+
+def host_checks(g: Tensor) -> bool:
+    """Whether the branches of IMTL-G are taken on the host: on the CPU in eager mode (where a
+    read costs nothing); elsewhere `_device_weights` takes them as masks."""
+    compiling = getattr(torch.compiler, "is_compiling", None)
+    return g.device.type == "cpu" and not (compiling is not None and compiling())
+
+
+def _device_weights(g: Tensor) -> Tensor:
+    """The weights of `IMTLG.weights` without a host read: the same branches as masks, NaN
+    where the normalisation is impossible (the balancer then skips the step under
+    ``nonfinite="skip"`` or raises `gradbalance.SolverError` for non-finite weights)."""
+    norms = g.diagonal().clamp_min(0.0).sqrt()
+    top = norms.max()
+    positive = top > 0
+    top = torch.where(positive, top, torch.ones_like(top))
+    gs = g / (top * top)
+    n = norms / top
+    v = torch.linalg.pinv(gs, hermitian=True) @ n
+    in_range = (gs @ v - n).norm() <= _IN_RANGE * n.norm()
+    total = v.sum()
+    normalisable = total.abs() > _ZERO * v.abs().sum()
+    scaled = v / torch.where(normalisable, total.abs(), torch.ones_like(total))
+    scaled = torch.where(normalisable, scaled, torch.full_like(scaled, float("nan")))
+    return torch.where(positive & in_range, scaled, torch.zeros_like(scaled))

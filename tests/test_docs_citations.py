@@ -156,18 +156,109 @@ def test_method_page_links_its_paper_and_gives_bibtex(name):
         assert f"arxiv.org/abs/{arxiv_id}" in links.group(1), (page, arxiv_id)
 
 
-def test_method_pages_share_one_template():
-    """Paper, then Links; a Cite section, right before the API section at the end."""
-    for page, text in _pages().items():
-        if page == "index.md":
+#: the headings every method page has, in this order; a page may add sections of its own between
+#: "Formula" and "Deviations from the paper" (a solver, cost, state, scale behaviour), and the
+#: last four close every page in this order
+TEMPLATE = (
+    "Formula",
+    "When to use it",
+    "Usage",
+    "Deviations from the paper",
+    "Tests",
+    "Cite",
+    "API",
+)
+IDENTITY = re.compile(r"^`method=\"[\w-]+\"`.*?(?=\n\n)", re.S | re.M)
+
+
+def _method_pages() -> dict[str, str]:
+    return {name: text for name, text in _pages().items() if name != "index.md"}
+
+
+@pytest.mark.parametrize("page", sorted(_method_pages()))
+def test_method_page_follows_the_template(page):
+    """Title, paper and links, the identity line, then the template's sections in its order."""
+    text = _method_pages()[page]
+    heads = re.findall(r"^## (.+)$", text, re.M)
+    assert [h for h in heads if h in TEMPLATE] == list(TEMPLATE), (page, heads)
+    assert heads[0] == "Formula" and heads[-4:] == list(TEMPLATE[-4:]), (page, heads)
+    assert heads.index("When to use it") < heads.index("Usage"), (page, heads)
+    assert re.match(r"# \S", text), f"{page}: no title"
+    assert text.count("**Paper.**") == text.count("**Links.**") <= 1, page
+    identity = IDENTITY.search(text)
+    assert identity, f'{page}: no identity line (`method="name"` · class ... · kind · reads ...)'
+    assert identity.start() < text.index("\n## "), (
+        f"{page}: the identity line comes before ## Formula"
+    )
+    if "**Paper.**" in text:
+        assert text.index("**Paper.**") < text.index("**Links.**") < identity.start(), page
+    for block in BIBTEX_BLOCK.findall(text):
+        check_bibtex(block)
+    # the identity line names exactly the registered methods whose classes the page documents
+    documented = {cls for cls, name in _page_of_class().items() if name == page}
+    registered = {n for n in gm.available() if gm.get_class(n) in documented}
+    assert set(re.findall(r'`method="([\w-]+)"`', identity.group(0))) == registered, page
+    tests = re.search(r"^## Tests\n\n(.*?)^## ", text, re.S | re.M)
+    assert tests is not None
+    for path in re.findall(r"`(tests/[\w/]+\.py)`", tests.group(1)) or [None]:
+        assert path is not None, f"{page}: the Tests section names no test file"
+        assert (ROOT / path).is_file(), (page, path)
+
+
+def test_every_registered_method_has_a_page():
+    by_class = _page_of_class()
+    missing = [n for n in gm.available() if gm.get_class(n) not in by_class]
+    assert not missing, f"no page in docs/methods documents {missing}"
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", re.sub(r"\(.*?\)", "", text).lower())
+
+
+def _method_of_cell() -> dict[str, str]:
+    """Normalised registry and class names -> the method page (relative to docs/)."""
+    out = {}
+    for name in gm.available():
+        page = _page_of_class().get(gm.get_class(name))
+        if page is not None:
+            out[_norm(name)] = out[_norm(gm.get_class(name).__name__)] = f"methods/{page}"
+    return out
+
+
+def _table_first_cells(text: str) -> list[str]:
+    cells, fenced = [], False
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif not fenced and line.startswith("|") and not re.match(r"^\|[\s:|-]+\|$", line):
+            cells.append(line.split("|")[1].strip())
+    return cells
+
+
+DOC_TABLES = sorted(
+    str(p.relative_to(ROOT)) for p in (ROOT / "docs").rglob("*.md") if p.name != "changelog.md"
+)
+
+
+@pytest.mark.parametrize("source", [*DOC_TABLES, "README.md"])
+def test_method_names_in_tables_link_to_their_pages(source):
+    """A table row that starts with a method's name links that name to the method's page."""
+    path = ROOT / source
+    pages = _method_of_cell()
+    bad = []
+    for cell in _table_first_cells(path.read_text(encoding="utf-8")):
+        link = re.fullmatch(r"(.*?)\[(.+?)\]\(([^)#]+)(?:#[^)]*)?\)(.*)", cell)
+        label = link.group(2) if link else cell
+        page = pages.get(_norm(label.replace("`", "")))
+        if page is None:
             continue
-        heads = re.findall(r"^## (.+)$", text, re.M)
-        assert heads[-2:] == ["Cite", "API"], (page, heads)
-        assert text.count("**Paper.**") == text.count("**Links.**") <= 1, page
-        if "**Paper.**" in text:
-            assert text.index("**Paper.**") < text.index("**Links.**") < text.index("## ")
-        for block in BIBTEX_BLOCK.findall(text):
-            check_bibtex(block)
+        if link is None:
+            bad.append(f"{cell!r} is not linked (to {page})")
+            continue
+        target = (path.parent / link.group(3)).resolve()
+        if target != (ROOT / "docs" / page).resolve():
+            bad.append(f"{cell!r} links {link.group(3)}, not {page}")
+    assert not bad, f"{source}: " + "; ".join(bad)
 
 
 def test_citation_cff():

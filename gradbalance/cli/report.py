@@ -251,6 +251,9 @@ def run_figure(history: Any, path: Path, title: str, steps_per_epoch: int) -> bo
         ax = fig.add_subplot(grid[1 + j // per_row, j % per_row])
         ax.plot(epochs, [row[name] for row in history.epochs], marker=".", color="C0")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(epochs) == 1:  # one point: show its epoch, not a tick every 0.01 around it
+            ax.set_xlim(epochs[0] - 0.5, epochs[0] + 0.5)
+            ax.set_xticks(epochs)
         ax.set_title(f"test {name}", fontsize="medium")
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)

@@ -57,7 +57,7 @@ def check_tensorboard(parser: argparse.ArgumentParser) -> None:
 def resolved_config(args: argparse.Namespace, **resolved: Any) -> dict[str, Any]:
     """Every key of `gradbalance.cli.runconfig.DEFAULTS`, from ``args`` (already resolved by
     `gradbalance.cli.runconfig.resolve`) and the values the dataset's defaults decided
-    (``resolved``: model, tasks, epochs, batch size, lr, width)."""
+    (``resolved``: model, tasks, size, epochs, batch size, lr, width)."""
     root = None if args.root is None else str(Path(args.root).resolve())
     config = {
         "data": args.data,
@@ -65,6 +65,7 @@ def resolved_config(args: argparse.Namespace, **resolved: Any) -> dict[str, Any]
         "method": args.method,
         "method_args": dict(args.method_arg),
         "tasks": resolved["tasks"],
+        "size": resolved["size"],
         "epochs": resolved["epochs"],
         "batch_size": resolved["batch_size"],
         "lr": resolved["lr"],

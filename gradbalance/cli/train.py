@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn, cast
 
@@ -49,10 +49,15 @@ def models_with_features() -> list[str]:
 def model_hint(model: str, data: str) -> str:
     """What to try instead when ``model`` cannot be built for ``data``."""
     info = models.describe(model)
-    if "in_features" in info.required_options and data != "multimnist":
+    if model == recipes.DEFAULT_MODELS["qm9"]:
+        return f"; {model} reads padded molecules: it runs on --data qm9"
+    if data == "qm9":
+        return f"; on --data qm9 use --model {recipes.DEFAULT_MODELS['qm9']} (the default)"
+    if "in_features" in info.required_options and data not in ("multimnist", "qm9"):
         return (
             f"; {model} predicts one output per sample (classification or regression), so "
-            "among the command's datasets it runs on --data multimnist (flattened images)"
+            "among the command's datasets it runs on --data multimnist (flattened images) "
+            "and --data qm9 (flattened padded molecules)"
         )
     if data == "multimnist":
         return "; the dense models (SegNet family) run on --data synthetic, nyuv2 or cityscapes"
@@ -132,6 +137,29 @@ def _check_fit(
         )
 
 
+def _check_kpis(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    method_cls: type[Method],
+    tasks: dict[str, Any],
+) -> Any:
+    """DTP's ``kpi_fn`` (``None`` for methods without KPIs); a usage error when a task has
+    no KPI (regression targets), naming methods that need none."""
+    if KPIS not in method_cls.requires:
+        return None
+    try:
+        return make_kpi_fn(tasks)
+    except ValueError as exc:
+        parser.error(
+            f"method {args.method!r} weights the tasks by per-batch KPIs in [0, 1] "
+            f"(accuracy-like), which --data {args.data} does not define "
+            f"({str(exc).split(';')[0]}); use a method "
+            "that needs only the losses or the gradients, e.g. uncertainty, gls, imtl-g, "
+            "nash-mtl or famo (`gradbalance list` shows what each method needs), or pass your "
+            "own kpi_fn to gradbalance.training.fit in Python"
+        )
+
+
 def _to_device(parser: argparse.ArgumentParser, model: torch.nn.Module, value: str) -> torch.device:
     """Move ``model`` to ``--device``; a usage error if it cannot go there."""
     try:
@@ -200,12 +228,24 @@ def _probe(
         )
 
 
+def _reported(
+    evaluate: Callable[[torch.nn.Module], dict[str, float]],
+    report: Callable[[Mapping[str, float]], dict[str, float]],
+) -> Callable[[torch.nn.Module], dict[str, float]]:
+    """``evaluate`` followed by the dataset's ``report`` (QM9: the MAE in the papers' units)."""
+
+    def reported(model: torch.nn.Module) -> dict[str, float]:
+        return report(evaluate(model))
+
+    return reported
+
+
 def run(args: argparse.Namespace) -> int:
     """Check every option against the data and the model, train, print the test metrics."""
     parser: argparse.ArgumentParser = args.subparser
     started = time.perf_counter()
     runconfig.resolve(args, parser)
-    model_name = args.model or ("multilenet" if args.data == "multimnist" else "split")
+    model_name = args.model or recipes.DEFAULT_MODELS.get(args.data, "split")
     out = args.out or Path("gradbalance-runs") / f"{args.data}-{model_name}-{args.method}"
     check_out(parser, out, files=rundir.FILES, folders=rundir.FOLDERS)
     if args.tensorboard:
@@ -229,6 +269,7 @@ def run(args: argparse.Namespace) -> int:
     model = _build_model(parser, args, model_name, data, tasks, width)
     method_cls = get_class(args.method)
     _check_fit(parser, args, method_cls, model, model_name)
+    kpi_fn = _check_kpis(parser, args, method_cls, tasks)
     device = _to_device(parser, model, args.device)
     groups = model.param_groups(lr)
     optimizer = (
@@ -237,8 +278,9 @@ def run(args: argparse.Namespace) -> int:
         else torch.optim.SGD(groups, lr=lr, momentum=0.9)
     )
     try:
+        method_kwargs = {**data.method_kwargs.get(args.method, {}), **dict(args.method_arg)}
         balancer = recipes.build_balancer(
-            model, args.method, optimizer, engine=args.engine, method_kwargs=dict(args.method_arg)
+            model, args.method, optimizer, engine=args.engine, method_kwargs=method_kwargs
         )
     except (ValueError, TypeError) as exc:
         _method_error(parser, args.method, exc)
@@ -254,10 +296,9 @@ def run(args: argparse.Namespace) -> int:
     use_deep = (
         callable(deep) and FEATURES not in method_cls.requires and args.engine != "representation"
     )
-    try:
-        kpi_fn = make_kpi_fn(tasks) if KPIS in method_cls.requires else None
-    except ValueError as exc:
-        parser.error(f"method {args.method!r}: {exc}")
+    evaluate = make_evaluator(test_loader, tasks, device=device)
+    if data.report is not None:
+        evaluate = _reported(evaluate, data.report)
 
     write(
         f"{args.data}: {len(data.train):,} train / {len(data.test):,} test samples; model "
@@ -265,10 +306,16 @@ def run(args: argparse.Namespace) -> int:
         f"{args.method}, tasks {list(tasks)}; {args.optimizer} lr {lr:g}, batch {batch_size}, "
         f"{epochs} epochs"
     )
+    if data.note:
+        write(data.note)
+    if data.units:
+        units = ", ".join(f"{t} {data.units[t]}" for t in tasks)
+        write(f"test metrics: mean absolute error in the papers' units ({units})")
     config = rundir.resolved_config(
         args,
         model=model_name,
         tasks=list(tasks),
+        size=data.size,
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
@@ -285,7 +332,7 @@ def run(args: argparse.Namespace) -> int:
                 loader,
                 deep if use_deep else recipes.loss_fns(tasks),
                 epochs=epochs,
-                evaluate=make_evaluator(test_loader, tasks, device=device),
+                evaluate=evaluate,
                 kpi_fn=kpi_fn,
                 scheduler=scheduler,
                 callbacks=callbacks,

@@ -44,6 +44,10 @@ from gradbalance.solvers.two_tasks import first_weight, first_weight_gap, two_ta
 
 __all__ = ["min_norm", "min_norm_gap"]
 
+# (device type, dtype, K) where the fused kernel raised with backend="auto": the batched path
+# solves those from then on (the kernel has not yet run on every GPU; one warning says so)
+_KERNEL_FAILED: set[tuple[str, torch.dtype, int]] = set()
+
 Method = Literal["exact", "frank-wolfe"]
 Backend = Literal["auto", "torch", "triton"]
 
@@ -309,9 +313,26 @@ def min_norm(
     batch = G.shape[:-2]
     # under torch.compile the traced batched path stays the default (the kernel launch there is
     # untested); backend="triton" asks for the kernel anyway
-    if (backend == "triton" or not is_compiling()) and fused_available(G.device, k, backend):
-        w, gap = _fused(G.reshape(-1, k, k), tol, iters, early)
-    else:
+    fused = (backend == "triton" or not is_compiling()) and fused_available(G.device, k, backend)
+    if fused and backend == "auto" and (G.device.type, G.dtype, k) in _KERNEL_FAILED:
+        fused = False
+    if fused:
+        try:
+            w, gap = _fused(G.reshape(-1, k, k), tol, iters, early)
+        except Exception as exc:  # the kernel did not compile or launch on this device
+            if backend != "auto":
+                raise
+            _KERNEL_FAILED.add((G.device.type, G.dtype, k))
+            warnings.warn(
+                f"min_norm: the fused Triton kernel failed on this {G.device.type} device for "
+                f"K = {k}, {G.dtype} ({type(exc).__name__}: {exc}); solving with the batched "
+                "path instead (the same exact answer, more kernel launches) for the rest of "
+                "this process. Pass backend='torch' to skip the kernel, and please report it.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            fused = False
+    if not fused:
         w, gap = _batched(G.reshape(-1, k, k).to(torch.float64), tol, iters, early)
     out = w.to(device=G.device, dtype=G.dtype).reshape(*batch, k)
     return (out, gap.reshape(batch)) if return_gap else out

@@ -297,3 +297,29 @@ def test_kernel_non_finite_input():
     assert torch.isnan(w[1]).all() and torch.isfinite(w[0]).all()
     with pytest.raises(NonFiniteError):
         min_norm(g, backend="triton")
+
+
+def test_a_kernel_that_fails_on_the_device_falls_back_once_with_a_warning(monkeypatch):
+    # the kernel has not run on every GPU: with backend="auto" a compile or launch error of the
+    # kernel must cost one warning and the batched path's exact answer, not the training run
+    mn = importlib.import_module("gradbalance.solvers.min_norm")  # the module, not the function
+    calls = []
+
+    def broken(g, tol, **kw):
+        calls.append(g.shape)
+        raise RuntimeError("out of resources: shared memory")
+
+    monkeypatch.setattr(mn, "fused_available", lambda device, k, backend="auto": True)
+    monkeypatch.setattr(mn, "min_norm_fused", broken)
+    monkeypatch.setattr(mn, "_KERNEL_FAILED", set())
+    g = torch.tensor([[4.0, 1.0, 0.5], [1.0, 3.0, 0.2], [0.5, 0.2, 2.0]], dtype=torch.float64)
+    want = mn.min_norm(g, backend="torch")
+    with pytest.warns(RuntimeWarning, match="fused Triton kernel failed"):
+        got = mn.min_norm(g.expand(2, 3, 3))
+    torch.testing.assert_close(got, want.expand(2, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(mn.min_norm(g.expand(2, 3, 3)), want.expand(2, 3))
+    assert len(calls) == 1  # not tried again for this device, dtype and K
+    with pytest.raises(RuntimeError, match="out of resources"):
+        mn.min_norm(g.expand(2, 3, 3), backend="triton")  # asked for explicitly: no fallback

@@ -156,3 +156,23 @@ def test_tensorboard_flag_writes_event_files(tmp_path):
     assert {"loss/depth", "weight/normal", "cosine/segmentation~normal"} <= tags
     assert "test/depth/abs_err" in tags
     assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1
+
+
+def test_a_failed_run_leaves_no_file_of_an_earlier_run_in_its_folder(tmp_path, monkeypatch):
+    # the earlier run's checkpoint, epochs, figure and event files must not sit beside the new
+    # run's config.json and steps.csv when the new run stops in its first epoch
+    out = tmp_path / "run"
+    (out / "tb").mkdir(parents=True)
+    old = ["checkpoint.pt", "epochs.csv", "run.png", "tb/events.out.tfevents.1.old"]
+    for name in old:
+        (out / name).write_text("an earlier run")
+    from gradbalance.cli import train
+
+    def failing_fit(*args, callbacks, **kwargs):
+        raise gb.errors.NonFiniteError("task 'depth': the loss is nan")
+
+    monkeypatch.setattr(train, "fit", failing_fit)
+    assert main([*QUICK, "--out", str(out)]) == 1
+    assert (out / "config.json").exists()
+    left = [name for name in old if (out / name).exists()]
+    assert left == [], f"files of the earlier run left beside the new config.json: {left}"

@@ -63,8 +63,9 @@ def read_step(
     """``(losses, weights, cosines)`` of one step as Python floats, in one device-to-host copy.
 
     The losses, the weights and (when ``cosines``) the pair cosines of ``gramian`` are packed
-    into one float64 tensor on the losses' device and read with one ``.tolist()``: one host
-    synchronisation per step, however many tasks (each value is the one ``float(x)`` gives).
+    into one float64 tensor (float32 on MPS) on the losses' device and read with one
+    ``.tolist()``: one host synchronisation per step, however many tasks (each value is the one
+    ``float(x)`` gives).
     With ``cosines`` and no Gramian, or after a skipped step (NaN weights: the Gramian is the
     previous step's), the cosines are NaN, so that a CSV keeps its columns.
 
@@ -74,10 +75,11 @@ def read_step(
     """
     k = len(losses)
     device = losses[0].device if k else weights.device
-    parts = [loss.detach().reshape(-1).to(device, torch.float64) for loss in losses]
-    parts.append(weights.detach().reshape(-1).to(device, torch.float64))
+    dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+    parts = [loss.detach().reshape(-1).to(device, dtype) for loss in losses]
+    parts.append(weights.detach().reshape(-1).to(device, dtype))
     if cosines and gramian is not None:
-        parts.append(pair_cosines(gramian.detach()).to(device, torch.float64))
+        parts.append(pair_cosines(gramian.detach()).to(device, dtype))
     values = torch.cat(parts).tolist()
     loss_values, weight_values = values[:k], values[k : 2 * k]
     if not cosines:

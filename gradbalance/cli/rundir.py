@@ -30,6 +30,7 @@ __all__ = [
     "FOLDERS",
     "callbacks",
     "check_tensorboard",
+    "clear",
     "figure",
     "resolved_config",
     "save_checkpoint",
@@ -81,19 +82,31 @@ def resolved_config(args: argparse.Namespace, **resolved: Any) -> dict[str, Any]
     return config
 
 
+def clear(out: Path) -> None:
+    """Remove what an earlier run wrote into ``out`` (`FILES` and ``tb/``'s event files).
+
+    Called before the run writes anything: a run that stops early (an error, Ctrl-C) must
+    not leave an earlier run's checkpoint, epochs, figure or event files beside its own
+    ``config.json`` and ``steps.csv``. Other files in ``out`` are left alone.
+    """
+    for name in FILES:
+        path = out / name
+        if path.is_file():
+            path.unlink()
+    tb = out / "tb"
+    if tb.is_dir():
+        for old in tb.glob(f"{_EVENTS}*"):
+            old.unlink()
+
+
 @contextlib.contextmanager
 def callbacks(out: Path, *, tensorboard: bool) -> Iterator[list[Any]]:
-    """The run's observers: the CSV files and, with ``tensorboard``, ``tb/`` (whose event files
-    from an earlier run into the same folder are removed first, as the CSV files are
-    overwritten); closed when the block ends."""
+    """The run's observers: the CSV files and, with ``tensorboard``, ``tb/``; closed when the
+    block ends (`clear` removed an earlier run's files first)."""
     opened: list[Any] = [CSVLogger(out)]
     try:
         if tensorboard:
-            tb = out / "tb"
-            if tb.is_dir():
-                for old in tb.glob(f"{_EVENTS}*"):
-                    old.unlink()
-            opened.append(TensorBoardLogger(tb))
+            opened.append(TensorBoardLogger(out / "tb"))
         yield opened
     finally:
         for cb in opened:

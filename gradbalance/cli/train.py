@@ -323,6 +323,7 @@ def run(args: argparse.Namespace) -> int:
     )
     config_text = runconfig.to_json(parser, config)
     make_out(parser, out)
+    rundir.clear(out)  # the folder never mixes this run's files with an earlier run's
     (out / "config.json").write_text(config_text, encoding="utf-8")
     with rundir.callbacks(out, tensorboard=args.tensorboard) as callbacks:
         try:

@@ -68,6 +68,15 @@ def find_balancer(optimizer: Any) -> GradBalancer:
     )
 
 
+def _holds_balancer(optimizer: Any) -> bool:
+    """Whether ``optimizer`` is a `GradBalancer` or a wrapper around one (`find_balancer`)."""
+    try:
+        find_balancer(optimizer)
+    except TypeError:
+        return False
+    return True
+
+
 def _scale_grads(balancer: GradBalancer, factor: float) -> None:
     """Multiply the ``.grad`` of every parameter of the balancer by ``factor`` (in place)."""
     with torch.no_grad():
@@ -135,6 +144,7 @@ def backward(
 
     Raises:
         NotImplementedError: under DeepSpeed, FSDP, Megatron-LM or XLA.
+        TypeError: when ``optimizer`` holds no `GradBalancer` (`find_balancer`).
 
     Examples:
         >>> import torch, gradbalance as gb
@@ -204,7 +214,8 @@ class BalancedTrainer(transformers.Trainer):
     `GradBalancer.backward` instead of ``accelerator.backward``, and returns the weighted loss
     ``Σ w_i L_i`` for the Trainer's ``loss`` log. Every training log also carries the last
     step's ``loss/<task>``, ``weight/<task>`` and, for gradient methods, the cosines of the
-    task gradients ``cosine/<a>~<b>``.
+    task gradients ``cosine/<a>~<b>`` (one step's values, its last micro-batch's under
+    gradient accumulation; not averaged over ``logging_steps`` as ``loss`` is).
 
     Gradient accumulation, DDP (``torchrun``), fp16 and bf16 work as described in the module
     docstring; ``max_grad_norm`` clips the balanced gradient of the model's parameters.
@@ -269,10 +280,21 @@ class BalancedTrainer(transformers.Trainer):
         super().__init__(*args, **kwargs)
 
     # ------------------------------------------------------------------ the optimizer
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """``transformers.Trainer.train``; each call starts from zeroed gradients, also those
+        of the method's own parameters that an interrupted accumulation cycle left behind
+        (the Trainer's ``model.zero_grad()`` does not reach them)."""
+        self._zero_before_next = True
+        return super().train(*args, **kwargs)
+
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        """The Trainer's optimizer (or the one passed in), wrapped in a `GradBalancer`."""
+        """The Trainer's optimizer (or the one passed in), wrapped in a `GradBalancer`.
+
+        A `GradBalancer`, or accelerate's wrapper around one (what a second ``train()`` call
+        finds), is kept as it is.
+        """
         inner = super().create_optimizer(model)
-        if isinstance(inner, GradBalancer):
+        if _holds_balancer(inner):
             return inner
         balancer = GradBalancer(
             inner,

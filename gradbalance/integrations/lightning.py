@@ -25,9 +25,10 @@ on its first backward and averages what the method needs over the ranks itself (
 the gradient average.
 
 This module imports nothing from Lightning: it uses only the module's public attributes
-(``optimizers``, ``trainer.precision_plugin``, ``automatic_optimization``, ``device``). Tested
-with ``lightning`` 2.x; the older ``pytorch_lightning`` package has the same attributes but is
-not tested.
+(``optimizers``, ``trainer.precision_plugin``, ``trainer.strategy``, ``automatic_optimization``,
+``device``). The FSDP, DeepSpeed and model-parallel strategies are refused (they shard the
+parameters the balancer needs whole). Tested with ``lightning`` 2.x; the older
+``pytorch_lightning`` package has the same attributes but is not tested.
 """
 
 from __future__ import annotations
@@ -41,6 +42,24 @@ from torch import Tensor
 from gradbalance.balancer import GradBalancer
 
 __all__ = ["balanced_backward", "balancer"]
+
+#: Lightning strategies (matched by class name, also in subclasses) that shard the parameters
+#: whose whole per-task gradients the balancer reads, or wrap the optimizer in their own.
+_UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+
+
+def _check_strategy(module: Any, caller: str) -> None:
+    """Refuse a sharding strategy before anything is computed (see `_UNSUPPORTED_STRATEGIES`)."""
+    # Fabric's trainer stand-in has no strategy (AttributeError): nothing to refuse there
+    strategy = getattr(module.trainer, "strategy", None)
+    names = {cls.__name__ for cls in type(strategy).__mro__}
+    for name in _UNSUPPORTED_STRATEGIES:
+        if name in names:
+            raise NotImplementedError(
+                f"{caller}: Lightning's {name} is not supported: it shards the parameters whose "
+                "whole per-task gradients the balancer computes (DeepSpeed also replaces the "
+                'optimizer); use strategy="ddp" (or "ddp_spawn") or a single device'
+            )
 
 
 def balancer(module: Any, index: int = 0) -> GradBalancer:
@@ -61,6 +80,7 @@ def balancer(module: Any, index: int = 0) -> GradBalancer:
     Raises:
         TypeError: when that optimizer is not a `gradbalance.GradBalancer`.
         IndexError: when ``index`` is out of range.
+        NotImplementedError: under the FSDP, DeepSpeed and model-parallel strategies.
 
     Examples:
         In a ``LightningModule`` whose ``configure_optimizers`` returns a balancer with
@@ -71,6 +91,7 @@ def balancer(module: Any, index: int = 0) -> GradBalancer:
             balancer(self).end_epoch()
         ```
     """
+    _check_strategy(module, f"balancer(module, index={index})")
     optimizers = module.optimizers(use_pl_optimizer=False)
     if not isinstance(optimizers, (list, tuple)):
         optimizers = [optimizers]
@@ -126,6 +147,8 @@ def balanced_backward(
     Raises:
         RuntimeError: when the module still uses automatic optimisation.
         TypeError: when that optimizer is not a `gradbalance.GradBalancer`.
+        NotImplementedError: under the FSDP, DeepSpeed and model-parallel strategies, which
+            shard the parameters the balancer needs whole.
 
     Examples:
         ```python
@@ -143,6 +166,7 @@ def balanced_backward(
             "training_step (opt = self.optimizers(); opt.zero_grad(); "
             "balanced_backward(self, losses); opt.step())"
         )
+    _check_strategy(module, "balanced_backward")
     found = balancer(module, index)
     scaler = getattr(module.trainer.precision_plugin, "scaler", None)
     device_type = _device_type(module)

@@ -218,6 +218,63 @@ def test_trainer_accumulates_the_mean_of_the_balanced_micro_batches(tmp_path):
     same_state(model, trainer.balancer, ref, ref_opt)
 
 
+def test_a_second_train_call_continues_with_the_same_balancer(tmp_path):
+    # the plain Trainer keeps accelerate's prepared optimizer across train() calls; the
+    # BalancedTrainer wrapped that wrapper in a second GradBalancer (and failed to load it)
+    data = make_data(BATCH)
+    model = MultiTaskBert()
+    ref = copy.deepcopy(model)
+    trainer = BalancedTrainer(
+        model=model,
+        args=training_args(tmp_path, max_steps=1),
+        train_dataset=data,
+        tasks=TASKS,
+        method="uncertainty",
+    )
+    trainer.train()
+    first = trainer.balancer
+    trainer.train()
+    assert trainer.balancer is first
+    assert find_balancer(trainer.optimizer.optimizer) is first  # one wrapper, one balancer
+    ref_opt = reference(ref, "uncertainty", [[data], [data]], lr=0.5)
+    same_state(model, trainer.balancer, ref, ref_opt)
+
+
+def test_train_after_an_interrupted_accumulation_cycle_starts_from_zero(tmp_path):
+    # an error between two micro-batches (Ctrl-C in a notebook, a bad batch) leaves the first
+    # micro-batch's gradient of the method's own parameters (uncertainty's log-variances) in
+    # .grad, where the Trainer's model.zero_grad() does not reach: the next train() clears it
+    data = make_data(BATCH)
+    model = MultiTaskBert()
+    ref = copy.deepcopy(model)
+    calls = []
+
+    def losses_failing_once(net: nn.Module, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return net(**inputs)["losses"]
+
+    trainer = BalancedTrainer(
+        model=model,
+        args=training_args(
+            tmp_path,
+            max_steps=1,
+            per_device_train_batch_size=BATCH // 2,
+            gradient_accumulation_steps=2,
+        ),
+        train_dataset=data,
+        tasks=TASKS,
+        method="uncertainty",
+        compute_losses=losses_failing_once,
+    )
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    trainer.train()
+    ref_opt = reference(ref, "uncertainty", [[data[:4], data[4:]]], lr=0.5)
+    same_state(model, trainer.balancer, ref, ref_opt)
+
+
 def test_trainer_takes_an_optimizer_and_scheduler_passed_in(tmp_path):
     data = make_data(BATCH)
     model = MultiTaskBert()

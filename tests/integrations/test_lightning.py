@@ -387,3 +387,53 @@ def test_the_recipe_of_the_docs_runs(capsys):
     assert namespace["trainer"].global_step == 3 * 8  # 512 samples in batches of 64, 3 epochs
     assert balancer(namespace["model"]).steps == 24
     assert "tensor([" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("strategy", ["FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"])
+def test_sharding_strategies_are_refused_with_the_reason(strategy):
+    # FSDP and DeepSpeed shard the parameters whose whole per-task gradients the balancer
+    # reads (DeepSpeed also wraps the optimizer): refused before anything is computed
+    from lightning.pytorch import strategies
+
+    found = getattr(strategies, strategy)
+    kind = type(strategy, (found,), {"__init__": lambda self: None})  # no launch, no deepspeed
+    module = MultiTask("mgda")
+    fake_trainer = type("T", (), {"strategy": kind(), "precision_plugin": None})()
+    object.__setattr__(module, "_trainer", fake_trainer)
+    module.automatic_optimization = False
+    losses = {t: torch.ones((), requires_grad=True) for t in TASKS}
+    with pytest.raises(NotImplementedError, match=rf"balanced_backward: .*{strategy}.*\"ddp\""):
+        balanced_backward(module, losses)
+    with pytest.raises(NotImplementedError, match=strategy):
+        balancer(module)
+
+
+class MeanAccumulation(MultiTask):
+    """docs/integrations/lightning.md's accumulation recipe with the gradients divided by the
+    number of micro-batches before the step (their mean instead of their sum)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt = self.optimizers()
+        last = (batch_idx + 1) % self.accumulate == 0
+        if batch_idx % self.accumulate == 0:
+            opt.zero_grad()
+        balanced_backward(self, self.task_losses(batch), sync=last)
+        if last:
+            with torch.no_grad():
+                for group in balancer(self).param_groups:
+                    for p in group["params"]:
+                        if p.grad is not None:
+                            p.grad.div_(self.accumulate)
+            opt.step()
+
+
+@pytest.mark.parametrize("method", ["mgda", "uncertainty"])
+def test_accumulating_the_mean_of_the_micro_batches_as_the_docs_show(method):
+    # plain SGD: the mean of 2 micro-batches at lr 0.1 is their sum at lr 0.05, every group
+    # (uncertainty's log-variances included) alike
+    data = make_data(4)
+    module = MeanAccumulation(method, lr=0.1, accumulate=2)
+    summed = reference(MultiTask(method, lr=0.05, accumulate=2), DataLoader(data, BATCH), 2)
+    trainer(max_steps=2).fit(module, DataLoader(data, batch_size=BATCH))
+    torch.testing.assert_close(module.state_dict(), summed["params"])
+    assert balancer(module).steps == 2

@@ -29,18 +29,39 @@ fi
     "$PY" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__,
 "cuda", torch.version.cuda, "available", torch.cuda.is_available())'
     "$PY" -c 'import triton; print("triton", triton.__version__)' 2>&1
-    "$PY" -c 'import torchjd; print("torchjd", torchjd.__version__)' 2>&1 | tail -1
+    "$PY" -c 'from importlib.metadata import version; print("torchjd", version("torchjd"))' 2>&1 | tail -1
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-# the CUDA tests (tests/cuda/ and any other test marked cuda); a module that does not import on
-# this machine (an optional dependency missing) must not stop the others
-timeout 240 "$PY" -m pytest -m cuda -q -p no:cacheprovider --continue-on-collection-errors \
-    tests 2>&1 | tee "$OUT/pytest.log"
-tests_rc=${PIPESTATUS[0]}
+# what is missing here, said once (gradbalance needs numpy and scipy; the CUDA tests pytest;
+# Hypothesis is optional for them)
+missing=$("$PY" -c 'import importlib.util as u
+print(" ".join(m for m in ("numpy", "scipy", "triton", "pytest", "hypothesis", "torchjd")
+               if u.find_spec(m) is None))' 2>&1)
+echo "gpu_check: modules missing on this machine: ${missing:-none}" | tee -a "$OUT/env.txt"
+if ! "$PY" -c 'import gradbalance' >"$OUT/import.log" 2>&1; then
+    tail -5 "$OUT/import.log"
+    echo "gpu_check: 'import gradbalance' fails here (see $OUT/import.log): nothing ran"
+    exit 3
+fi
+
+# the CUDA tests: only the files that carry the cuda marker are collected (collecting all of
+# tests/ imports every optional dependency); a module that does not import on this machine
+# must not stop the others
+mapfile -t cuda_tests < <(grep -rlE "pytest\.mark\.cuda" tests --include='*.py' | sort)
+if [[ " $missing " == *" pytest "* ]]; then
+    echo "gpu_check: pytest is not installed: the CUDA tests did NOT run (put the wheels of" \
+        "pytest, pluggy and iniconfig in .whl/ to run them)" | tee "$OUT/pytest.log"
+    tests_rc=127
+else
+    timeout 240 "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider \
+        --continue-on-collection-errors "${cuda_tests[@]}" 2>&1 | tee "$OUT/pytest.log"
+    tests_rc=${PIPESTATUS[0]}
+fi
 
 timeout 270 "$PY" benchmarks/gpu.py --out "$OUT" --budget 150 2>&1 | tee "$OUT/gpu.log"
 bench_rc=${PIPESTATUS[0]}
 
-echo "gpu_check: pytest exit $tests_rc, gpu.py exit $bench_rc (124: out of its time budget)"
+echo "gpu_check: pytest exit $tests_rc (127: not run), gpu.py exit $bench_rc (124: out of its" \
+    "time budget); missing: ${missing:-none}"
 [ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

@@ -372,3 +372,18 @@ def test_raise_names_the_same_task_and_writes_nothing(method, bad):
         assert opt.steps == 1 and opt.skipped_steps == 0
         messages.append(str(err.value))
     assert messages[0] == messages[1]
+
+
+@pytest.mark.parametrize("mixed_dtypes", [False, True])
+def test_weights_on_the_cpu_meet_losses_on_another_device(mixed_dtypes):
+    """Equal, mean, fixed and RLW return their weights on the CPU: on CUDA the weighted loss
+    multiplied a CUDA vector by a CPU one and raised (no device here: the meta device stands in
+    for it, with the same rule)."""
+    from gradbalance.balancer.inputs import stack_losses, weighted_sum
+
+    dtypes = (torch.float32, torch.float64) if mixed_dtypes else (torch.float32, torch.float32)
+    losses = [torch.ones((), device="meta", dtype=d, requires_grad=True) for d in dtypes]
+    stacked, _ = stack_losses(losses, differentiable=True)
+    assert (stacked is None) == mixed_dtypes
+    out = weighted_sum(torch.tensor([0.25, 0.75], dtype=torch.float64), losses, stacked)
+    assert out.device.type == "meta" and out.requires_grad

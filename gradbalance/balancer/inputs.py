@@ -20,6 +20,7 @@ __all__ = [
     "check_devices",
     "check_graph",
     "mark_consumed",
+    "on_device",
     "parse_call",
     "parse_kpis",
     "parse_losses",
@@ -258,14 +259,28 @@ def stack_losses(losses: list[Tensor], differentiable: bool) -> tuple[Tensor | N
         return None, torch.stack(flat).to(torch.float64)
 
 
+def on_device(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` on ``device`` (differentiable). Methods may return their weights on the CPU (equal,
+    fixed, RLW, ...); a CPU tensor is copied with ``non_blocking=True``: from pageable memory
+    CUDA stages it at once, without waiting for the kernels queued on the device.
+
+    Examples:
+        >>> on_device(torch.ones(2), torch.device("meta")).device
+        device(type='meta')
+    """
+    if t.device == device:
+        return t
+    return t.to(device, non_blocking=t.device.type == "cpu")
+
+
 def weighted_sum(weights: Tensor, losses: list[Tensor], stacked: Tensor | None) -> Tensor:
-    """``Σ_i w_i L_i`` in the losses' dtype, differentiable w.r.t. both.
+    """``Σ_i w_i L_i`` in the losses' dtype and on their device, differentiable w.r.t. both.
 
     Losses of one dtype come as ``stacked`` (`stack_losses`): one product and one sum (two
     autograd nodes whatever ``K``); each loss still receives exactly ``w_i`` as its gradient.
     Losses of mixed dtypes (``stacked`` is ``None``) are summed term by term.
     """
-    w = weights.to(losses[0].dtype)
+    w = on_device(weights, losses[0].device).to(losses[0].dtype)
     if stacked is not None:
         return (stacked * w).sum()
     objective = None

@@ -41,7 +41,7 @@ from gradbalance.balancer.guards import (
     nonfinite_params,
     nonfinite_tasks,
 )
-from gradbalance.balancer.inputs import stack_losses, weighted_sum
+from gradbalance.balancer.inputs import on_device, stack_losses, weighted_sum
 from gradbalance.balancer.parameters import ParameterSet, check_reached
 from gradbalance.balancer.state import StepState
 from gradbalance.engine import EngineChoice, Request, RowsHook, TaskGradients, objective_gradients
@@ -108,13 +108,13 @@ class StepPipeline:
         stacked, detached, kpis = self._losses(ctx, differentiable=loss_only)
         if loss_only:
             inputs = self._measure_last_layer(ctx, detached, kpis)
-            weights = method.weights(inputs)
+            weights = on_device(method.weights(inputs), detached.device)
             self._check_weights(weights, len(ctx.tasks))
             update = self._loss_update(ctx, inputs, weights, stacked)
             gram = None
         else:
             request, engine, result, inputs = self._measure_gradients(ctx, detached, kpis)
-            weights = method.weights(inputs).detach()
+            weights = on_device(method.weights(inputs).detach(), detached.device)
             self._check_weights(weights, len(ctx.tasks))
             update = self._gradient_update(ctx, request, engine, result, inputs, weights)
             gram = inputs.gramian

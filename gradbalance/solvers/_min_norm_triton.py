@@ -13,14 +13,16 @@ symmetric part, divided by its largest diagonal entry) into registers once and a
   largest ``(Gw)_i``, to the Frank-Wolfe vertex, the smallest; exact line search clipped to the
   away weight: a linearly convergent Frank-Wolfe on the simplex), which finds the support;
 - an **exact finish**: Wolfe's minor cycle on the support ``S``: the equality-constrained
-  minimiser on ``S`` from the positive definite system ``(G_SS + 1 1ᵀ) u = 1``,
-  ``w_S = u / 1ᵀu`` (Gauss-Jordan without pivoting; an index whose pivot falls below
-  ``piv_tol`` is affinely dependent on the ones before it and is dropped), accepted only if
-  ``w_S > 0``; otherwise a step back to the first sign change, which removes an index, and
+  minimiser on ``S`` from the positive definite Jacobi-scaled system
+  ``(D⁻¹ G_SS D⁻¹ + b bᵀ) x = b``, ``w_S = b x / bᵀx`` (``d_i = sqrt(G_ii)`` floored at
+  ``d_floor``, ``b_i = d_min / d_i``; Gauss-Jordan without pivoting; an index whose pivot falls
+  below ``piv_tol`` is affinely dependent on the ones before it and is dropped), accepted only
+  if ``w_S > 0``; otherwise a step back to the first sign change, which removes an index, and
   again;
 
-until the duality gap ``wᵀGw - min_i (Gw)_i`` of the current weights, computed here, is at most
-``tol`` (relative to ``max_i G_ii``), or ``max_rounds`` rounds have run. Every operation is a
+until the current weights are certified, computed here: ``wᵀGw - (Gw)_i <= tol max(d_i, d̄) d̄``
+for every ``i`` (``d̄ = Σ w_j d_j``; implies a duality gap ``wᵀGw - min_i (Gw)_i`` of at most
+``tol`` relative to ``max_i G_ii``), or ``max_rounds`` rounds have run. Every operation is a
 masked register operation or a reduction; the scalars are 0-d tensors, so the same code runs
 compiled and under the interpreter. Everything is written out in the one function (a kernel can
 only call jitted helpers, see `gradbalance.solvers._frank_wolfe_triton`).
@@ -53,6 +55,7 @@ def _exact_kernel(
     K,
     tol,
     piv_tol,
+    d_floor,
     fw_iters,
     max_rounds,
     KP: tl.constexpr,
@@ -74,19 +77,28 @@ def _exact_kernel(
     scale = tl.max(tl.where(valid, diag, 0.0), axis=0)
     G = G / tl.where(scale > 0, scale, 1.0)
     diag = tl.sum(tl.where(eye, G, 0.0), axis=1)
+    # the norms (the largest is 1) scale the certificate and, floored, the finish (Jacobi)
+    d = tl.sqrt(tl.maximum(diag, 0.0))
+    dj = tl.where(valid, tl.maximum(d, d_floor), 1.0)
+    bj = tl.min(dj, axis=0) / dj
 
     # start at the vertex of smallest norm
     i0 = tl.argmin(tl.where(valid, diag, inf), axis=0)
     w = tl.where(offs == i0, 1.0, 0.0) + 0.0 * diag
     gw = tl.sum(G * w[None, :], axis=1)
-    gap = tl.sum(w * gw, axis=0) - tl.min(tl.where(valid, gw, inf), axis=0)
+    f = tl.sum(w * gw, axis=0)
+    gap = f - tl.min(tl.where(valid, gw, inf), axis=0)
+    dw = tl.sum(w * d, axis=0)
+    viol = tl.max(tl.where(valid, f - gw - tol * tl.maximum(d, dw) * dw, -inf), axis=0)
+    done = (gap <= tol) & (viol <= 0)
     rounds = pid * 0
-    go = (gap > tol) & (rounds < max_rounds)
+    go = (done == 0) & (rounds < max_rounds)
     while go:
         # ---- pairwise Frank-Wolfe phase
         it = pid * 0
         pgap = gap + 1.0
-        while (it < fw_iters) & (pgap > tol):
+        pthr = gap * 0.0
+        while (it < fw_iters) & (pgap > pthr):
             gw = tl.sum(G * w[None, :], axis=1)
             s = tl.argmin(tl.where(valid, gw, inf), axis=0)
             a = tl.argmax(tl.where(w > 0, gw, -inf), axis=0)
@@ -97,6 +109,8 @@ def _exact_kernel(
             dss = tl.sum(tl.where(offs == s, diag, 0.0), axis=0)
             daa = tl.sum(tl.where(offs == a, diag, 0.0), axis=0)
             pgap = ga - gs
+            dw = tl.sum(w * d, axis=0)
+            pthr = tol * tl.maximum(tl.sum(tl.where(offs == s, d, 0.0), axis=0), dw) * dw
             curv = dss + daa - 2.0 * gsa
             step = tl.where(curv > 0, pgap / tl.where(curv > 0, curv, 1.0), wa)
             step = tl.minimum(tl.maximum(step, 0.0), wa)
@@ -108,13 +122,17 @@ def _exact_kernel(
 
         # ---- exact finish: Wolfe's minor cycle on the support of w
         gw = tl.sum(G * w[None, :], axis=1)
-        gap = tl.sum(w * gw, axis=0) - tl.min(tl.where(valid, gw, inf), axis=0)
+        f = tl.sum(w * gw, axis=0)
+        dw = tl.sum(w * d, axis=0)
+        viol = tl.max(tl.where(valid, f - gw - tol * tl.maximum(d, dw) * dw, -inf), axis=0)
         minor = pid * 0
-        todo = gap > tol
+        todo = viol > 0
         while todo & (minor < K):
             keep = w > 0
-            A = tl.where(keep[:, None] & keep[None, :], G + 1.0, tl.where(eye, 1.0, 0.0))
-            rhs = tl.where(keep, 1.0, 0.0) + 0.0 * diag
+            # Jacobi-scaled: D^-1 (G + dmin^2 11^T) D^-1 (entries <= 2), right-hand side b
+            A = G / (dj[:, None] * dj[None, :]) + bj[:, None] * bj[None, :]
+            A = tl.where(keep[:, None] & keep[None, :], A, tl.where(eye, 1.0, 0.0))
+            rhs = tl.where(keep, bj, 0.0)
             for p in range(0, K):  # Gauss-Jordan without pivoting (A is positive definite)
                 rp = tl.sum(tl.where(rows == p, A, 0.0), axis=0)
                 cp = tl.sum(tl.where(cols == p, A, 0.0), axis=1)
@@ -131,7 +149,7 @@ def _exact_kernel(
                 gone = tl.where(dep, offs == p, nothing)
                 rhs = tl.where(gone, 0.0, rhs)
                 keep = keep & (gone == 0)
-            u = tl.where(keep, rhs / tl.sum(tl.where(eye, A, 0.0), axis=1), 0.0)
+            u = tl.where(keep, bj * rhs / tl.sum(tl.where(eye, A, 0.0), axis=1), 0.0)
             tot = tl.sum(u, axis=0)
             z = u / tl.where(tot > 0, tot, 1.0)
             bad = keep & (z <= 0)
@@ -148,13 +166,17 @@ def _exact_kernel(
             todo = usable & (nbad > 0)
             minor += 1
         gw = tl.sum(G * w[None, :], axis=1)
-        gap = tl.sum(w * gw, axis=0) - tl.min(tl.where(valid, gw, inf), axis=0)
+        f = tl.sum(w * gw, axis=0)
+        gap = f - tl.min(tl.where(valid, gw, inf), axis=0)
+        dw = tl.sum(w * d, axis=0)
+        viol = tl.max(tl.where(valid, f - gw - tol * tl.maximum(d, dw) * dw, -inf), axis=0)
+        done = (gap <= tol) & (viol <= 0)
         rounds += 1
-        go = (gap > tol) & (rounds < max_rounds)
+        go = (done == 0) & (rounds < max_rounds)
 
     tl.store(w_ptr + pid.to(tl.int64) * K + offs, w, mask=valid)
     tl.store(gap_ptr + pid, gap * scale)
-    tl.store(ok_ptr + pid, tl.where(gap <= tol, 1, 0))
+    tl.store(ok_ptr + pid, tl.where(done, 1, 0))
     tl.store(it_ptr + pid, rounds)
 
 

@@ -7,13 +7,17 @@ solves $\min_{w \in \Delta^K} w^\top G w$ for a whole batch in one launch, in re
    $(Gw)_i$ to the index with the smallest, exact line search): linear convergence on the
    simplex, and the support of the optimum is found in finitely many steps;
 2. an **exact finish** on the detected support $S$: the KKT system
-   $G_{SS} w_S = \lambda \mathbf 1,\ \mathbf 1^\top w_S = 1$, solved as
-   $(G_{SS} + \mathbf 1 \mathbf 1^\top) u = \mathbf 1,\ w_S = u / \mathbf 1^\top u$ (positive
+   $G_{SS} w_S = \lambda \mathbf 1,\ \mathbf 1^\top w_S = 1$, solved in the Jacobi-scaled
+   variables of `gradbalance.solvers.jacobi` as
+   $(\hat G_{SS} + b_S b_S^\top) x = b_S,\ w_S = b_S \odot x / b_S^\top x$ (positive
    definite exactly when the points of $S$ are affinely independent; dependent ones are dropped
    at their pivot), accepted only if $w_S > 0$, else Wolfe's step back to feasibility and again;
-3. the **certificate**: the duality gap $w^\top G w - \min_i (Gw)_i$, computed in the kernel;
-   a problem is *certified* when its relative gap $\operatorname{gap} / \max_i G_{ii}$ is at
-   most ``tol``. Otherwise phases 1-2 run again, up to ``max_rounds`` rounds.
+3. the **certificate**, computed in the kernel: with $d_i = \sqrt{G_{ii}}$ and
+   $\bar d = \sum_j w_j d_j$, a problem is *certified* when
+   $w^\top G w - (Gw)_i \le \mathrm{tol}\,\max(d_i, \bar d)\,\bar d$ for every $i$ (so its
+   duality gap $w^\top G w - \min_i (Gw)_i$ is at most ``tol`` times $\max_i G_{ii}$, and small
+   tasks next to a large one are held to their own scale). Otherwise phases 1-2 run again, up
+   to ``max_rounds`` rounds.
 
 The weights, the gap (in the units of ``G``), the certified flag and the rounds come back; the
 caller (`gradbalance.solvers.min_norm`) decides what to do with problems that were not certified.
@@ -91,7 +95,8 @@ def min_norm_fused(
 
     Args:
         g: Gramians, ``2 <= K <= FUSED_MAX_K``, on CUDA (or CPU under the interpreter).
-        tol: certificate tolerance on ``gap / max_i G_ii``.
+        tol: certificate tolerance (see the module: on ``wᵀGw - (Gw)_i`` relative to the
+            norms involved, which bounds ``gap / max_i G_ii``).
         compute_dtype: float64 (default) or float32, the kernel's arithmetic.
         fw_iters: Frank-Wolfe steps per round (default ``max(16, K)``).
         max_rounds: cap on the rounds (default ``2K + 20``); ``0`` runs none.
@@ -129,10 +134,14 @@ def min_norm_fused(
         warps = 16  # two 128 x 128 float64 blocks live at once: spread them over more threads
     fw = max(16, k) if fw_iters is None else int(fw_iters)
     cap = default_rounds(k) if max_rounds is None else int(max_rounds)
+    # norms below this fraction of the largest are raised to it in the Jacobi-scaled finish
+    # (an exact reformulation for any floor; the kernel receives float scalars as float32)
+    floor = 1e-30 if compute_dtype == torch.float64 else 1e-15
     if b:
         kernel = kernel_module.get_kernel()
+        tol_k = max(tol, 4 * eps)
         kernel[(b,)](
-            gc, w, gap, ok, rounds, k, max(tol, 4 * eps), 1e3 * eps, fw, cap, KP=kp, num_warps=warps
+            gc, w, gap, ok, rounds, k, tol_k, 1e3 * eps, floor, fw, cap, KP=kp, num_warps=warps
         )
     zero = g.diagonal(dim1=-2, dim2=-1).amax(-1) <= 0
     w = torch.where(zero.unsqueeze(-1), torch.full_like(w, 1.0 / k), w)

@@ -96,7 +96,7 @@ def test_fused_kernel_in_subprocess():
         [*cmd, str(Path(__file__).resolve())], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
-    assert "19 passed" in out.stdout.splitlines()[-1], out.stdout[-2000:]
+    assert "21 passed" in out.stdout.splitlines()[-1], out.stdout[-2000:]
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -257,6 +257,50 @@ def test_kernel_fallback_when_not_certified(monkeypatch):
     w, gap = min_norm(g, backend="triton", return_gap=True)
     assert calls == ([int((~ok).sum())] if not ok.all() else [])
     check(g, w, gap, torch.ones(3, dtype=torch.bool), 1e-12)
+
+
+def kkt_violation(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``max_i (wᵀGw - (Gw)_i) / (max(‖g_i‖, Σ_j w_j ‖g_j‖) Σ_j w_j ‖g_j‖)``, in float64: the
+    KKT condition measured against the gradients involved, so a small task next to a large one
+    is held to its own scale (``gap / max_i G_ii`` is blind to it)."""
+    g, w = g.double(), w.double()
+    d = g.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
+    gw = (g @ w.unsqueeze(-1)).squeeze(-1)
+    f = (w * gw).sum(-1, keepdim=True)
+    dw = (w * d).sum(-1, keepdim=True)
+    return ((f - gw) / (torch.maximum(d, dw) * dw).clamp_min(1e-300)).amax(-1)
+
+
+@needs_interpreter
+def test_kernel_small_tasks_next_to_a_large_one():
+    """Norms spread over 12 orders of magnitude, some with an anti-collinear pair among the
+    small tasks: the kernel must land on the CPU solver's minimiser, not stop at a point whose
+    gap is only small next to the largest ``G_ii`` (it returned ``[0, 1, 0]`` for the first
+    Gramian below, objective 1 where 0 is reachable, and said it was certified)."""
+    first = torch.tensor([[1e16, 0.0, 0.0], [0.0, 1.0, -1.0], [0.0, -1.0, 1.0]])
+    rng = np.random.default_rng(21)
+    for k in (3, 5, 8, 11):
+        problems = [first] if k == 3 else []
+        for trial in range(4):
+            j = rng.standard_normal((k, int(rng.integers(1, 2 * k)))) * 10.0 ** rng.uniform(
+                -6, 6, (k, 1)
+            )
+            if trial % 2:  # the two smallest gradients point in opposite directions
+                i = np.argsort(np.abs(j).sum(1))[:2]
+                j[i[1]] = -j[i[0]] * rng.uniform(0.5, 2)
+            problems.append(torch.from_numpy(j @ j.T))
+        g = torch.stack(problems).double()
+        w, _, ok, _ = fused(g)
+        assert ok.all() and (kkt_violation(g, w) <= 2e-12).all(), kkt_violation(g, w)
+        ref = torch.stack([min_norm(x) for x in g])
+        f = torch.einsum("bi,bij,bj->b", w, g, w)
+        f_star = torch.einsum("bi,bij,bj->b", ref, g, ref)
+        d = g.diagonal(dim1=-2, dim2=-1).sqrt()
+        floor = 1e-13 * ((ref * d).sum(-1) ** 2)  # wᵀGw's rounding floor at the optimum
+        assert (f - f_star <= 1e-9 * f_star.abs() + floor).all(), (f, f_star)
+    # the same first problem from float32 input, through min_norm
+    w32 = min_norm(first.float(), backend="triton")
+    torch.testing.assert_close(w32, torch.tensor([0.0, 0.5, 0.5]), atol=1e-6, rtol=0)
 
 
 # --------------------------------------------------------------------------- benchmark rows

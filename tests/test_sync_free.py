@@ -387,3 +387,26 @@ def test_weights_on_the_cpu_meet_losses_on_another_device(mixed_dtypes):
     assert (stacked is None) == mixed_dtypes
     out = weighted_sum(torch.tensor([0.25, 0.75], dtype=torch.float64), losses, stacked)
     assert out.device.type == "meta" and out.requires_grad
+
+
+@pytest.mark.parametrize("method", ["uncertainty", "imtl-l"])
+def test_learnable_method_parameters_follow_a_model_off_the_cpu(method):
+    # on CUDA, log-variances left on the CPU would send their gradient to the host every step
+    # (a synchronisation) and make the weights there; the meta device stands in for CUDA
+    trunk = torch.nn.Linear(3, 4, device="meta")
+    heads = torch.nn.ModuleList(torch.nn.Linear(4, 1, device="meta") for _ in range(2))
+    params = [*trunk.parameters(), *heads.parameters()]
+    opt = gb.GradBalancer(torch.optim.SGD(params, lr=0.1), method, shared=trunk, tasks=["a", "b"])
+    own = [p for p in opt.method.parameters() if p.requires_grad]
+    assert own and all(p.device.type == "meta" for p in own)
+    group = opt.param_groups[-1]["params"]  # the group the optimizer steps is the moved one
+    assert all(any(p is q for q in group) for p in own)
+    assert all(b.device.type == "meta" for b in opt.method.buffers())
+
+
+def test_method_parameters_stay_where_they_are_for_a_cpu_model():
+    model = torch.nn.Linear(3, 2)
+    opt = gb.GradBalancer(
+        torch.optim.SGD(model.parameters(), lr=0.1), "uncertainty", shared=model, tasks=["a", "b"]
+    )
+    assert opt.method.log_vars.device.type == "cpu"

@@ -54,6 +54,7 @@ def bind(
     try:
         method.bind(tasks)
         params.tasks = tasks
+        _follow_the_model(method, params)
         learnable = [p for p in method.parameters() if p.requires_grad]
         groups = optimizer.param_groups
         if learnable and not any(
@@ -67,6 +68,16 @@ def bind(
     except BaseException:
         restore(method, optimizer, params, saved)
         raise
+
+
+def _follow_the_model(method: Method, params: ParameterSet) -> None:
+    """Move the method's parameters and buffers (uncertainty's log-variances, ...) to the
+    model's device when the model is off the CPU: there the weights are made beside the losses,
+    and their gradient does not travel back to the host (a synchronisation every step)."""
+    device = next((p.device for p in params.optimizer_params()), None)
+    own = [p for p in method.parameters() if p.requires_grad]
+    if device is not None and device.type != "cpu" and any(p.device != device for p in own):
+        method.to(device)  # may replace the Parameter objects (CPU -> meta): read them after
 
 
 def _check_new_group(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import warnings
 
 import pytest
 import torch
@@ -22,7 +23,18 @@ import gradbalance as gb
 from benchmarks.hostreads import HostReads
 
 #: methods whose step reads nothing on the host outside the solvers (with a fused optimizer)
-SYNC_FREE = ["equal", "uncertainty", "mean", "imtl-l", "rlw", "mgda", "mgda-ub", "upgrad", "imtl-g"]
+SYNC_FREE = [
+    "equal",
+    "uncertainty",
+    "mean",
+    "imtl-l",
+    "rlw",
+    "mgda",
+    "mgda-ub",
+    "upgrad",
+    "imtl-g",
+    "dwa",
+]
 
 imtl_g = importlib.import_module("gradbalance.methods.imtl_g")
 
@@ -34,7 +46,7 @@ def device_branches(monkeypatch):
 
 
 #: methods that commit host-side state in `update`: one read, in the balancer's step
-ONE_READ_IN_STEP = ["pcgrad", "dwa", "gradnorm"]
+ONE_READ_IN_STEP = ["pcgrad", "gradnorm"]
 #: tests/methods/test_imtl_g.py's Jacobian whose paper normalisation ascends every loss
 FLIPPED = [[-1.0, 0.0, 0.0], [-2.0, 0.0, 1.0], [0.0, 1.0, -2.0]]
 
@@ -54,6 +66,7 @@ def _balancer(
     device_skip: bool,
     inner: str = "adam",
     policy: str = "skip",
+    **options,
 ) -> gb.GradBalancer:
     params = [*trunk.parameters(), *heads.parameters()]
     if inner == "adam":
@@ -62,7 +75,7 @@ def _balancer(
         opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, fused=True)
     else:
         opt = torch.optim.SGD(params, lr=0.01)
-    balancer = gb.GradBalancer(opt, method=method, shared=trunk, nonfinite=policy)
+    balancer = gb.GradBalancer(opt, method=method, shared=trunk, nonfinite=policy, **options)
     balancer._pipeline.device_checks = device_skip
     return balancer
 
@@ -106,6 +119,62 @@ def test_methods_with_host_state_read_once_in_step(method):
     in_balancer = {k: v for k, v in reads.hits.items() if k[1].startswith("balancer/")}
     assert sum(in_balancer.values()) == 1, in_balancer
     assert all(site.startswith("balancer/deferred.py") for _, site in in_balancer)
+
+
+#: DWA's run below: (bad step?, end the epoch after it?); epochs close at the ``|``s
+DWA_RUN = [(False, False), (False, True)]  # | epoch 0
+DWA_RUN += [(False, False), (True, False), (False, True)]  # | epoch 1, one step skipped
+DWA_RUN += [(True, True)]  # | every step skipped: not an epoch
+DWA_RUN += [(False, False), (False, False), (False, True), (False, False), (True, False)]
+
+
+def _dwa_run(device_skip: bool, window: int | None) -> tuple[list, gb.GradBalancer, dict, int]:
+    trunk, heads = _model()
+    opt = _balancer("dwa", trunk, heads, device_skip=device_skip, window=window)
+    reads: dict = {}
+    weights = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for seed, (bad, end) in enumerate(DWA_RUN):
+            with HostReads() as counted:
+                weights.append(_step(opt, trunk, heads, seed, bad="loss" if bad else None))
+                if end and window is None:
+                    opt.end_epoch()
+            if seed:  # the first step binds the tasks
+                for site, n in counted.outside("solvers/").items():
+                    reads[site] = reads.get(site, 0) + n
+    empty = sum("no step was applied" in str(w.message) for w in caught)
+    return weights, opt, reads, empty
+
+
+@pytest.mark.parametrize("window", [None, 2])
+def test_dwa_commits_its_epochs_on_the_device_and_matches_the_host(window):
+    """DWA's statistics take the flag unread (`Method.update_masked`): a skipped step adds
+    nothing, a window closes where the device's count reaches it, and an epoch whose every
+    step was skipped is not counted, as on the host-checked path, bit for bit."""
+    (w0, host, _, empty0), (w1, device, reads, empty1) = (
+        _dwa_run(False, window),
+        _dwa_run(True, window),
+    )
+    assert reads == {}
+    # the host path warns of the empty epoch; the device path would need a read to tell
+    assert (empty0, empty1) == ((1, 0) if window is None else (0, 0))
+    assert int(device.method.epochs) == int(host.method.epochs) == (3 if window is None else 4)
+    for a, b in zip(w0, w1):
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=0, atol=0)
+    assert not torch.equal(w1[-2], torch.ones(3, dtype=w1[-2].dtype))  # the weights moved
+    s0, s1 = host.method.state_dict(), device.method.state_dict()
+    for key, value in s0.items():
+        if torch.is_tensor(value):
+            torch.testing.assert_close(value, s1[key], rtol=0, atol=0)
+    # a checkpoint of the device path resumes with the counts of its buffers
+    trunk, heads = _model()
+    again = _balancer("dwa", trunk, heads, device_skip=True, window=window)
+    again.load_state_dict(device.state_dict())
+    assert (again.method._steps_seen, again.method._epochs_seen) == (
+        int(device.method.epoch_steps),
+        int(device.method.epochs),
+    )
 
 
 def test_an_optimizer_without_found_inf_costs_one_read():

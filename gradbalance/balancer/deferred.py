@@ -205,6 +205,12 @@ def has_update(method: Method) -> bool:
     return type(method).update is not Method.update
 
 
+def has_masked_update(method: Method) -> bool:
+    """Whether ``method`` commits its state through the device's flag without reading it
+    (`gradbalance.methods.Method.update_masked`: DWA)."""
+    return type(method).update_masked is not Method.update_masked
+
+
 def step_masked(
     optimizer: Optimizer,
     method: Method,
@@ -217,7 +223,8 @@ def step_masked(
 
     The inner optimizer gets ``found_inf`` where it takes it (`accepts_found_inf`, no closure):
     no host read. Otherwise, and before a method's state update (its state may live on the
-    host: PCGrad's generator, DWA's epoch counters), ``found`` is read once on the host.
+    host: PCGrad's generator), ``found`` is read once on the host; a method that commits
+    through the flag (`has_masked_update`: DWA) gets it instead, unread.
     Returns what ``run_inner`` returned (``None`` when the step was skipped on the host).
     """
     pending = list(state.pending)
@@ -234,7 +241,10 @@ def step_masked(
         skipped = bool(found)  # the one host read (an optimizer without found_inf)
         if not skipped:
             result = run_inner()
-    if pending and has_update(method):
+    if pending and skipped is None and has_masked_update(method):
+        for inputs, weights in pending:
+            method.update_masked(inputs, weights, found)
+    elif pending and has_update(method):
         if skipped is None:
             skipped = bool(found)  # the one host read (a method with state to commit)
         if not skipped:

@@ -247,6 +247,18 @@ class Method(nn.Module):
     def update(self, inputs: StepInputs, weights: Tensor) -> None:
         """Commit the method's state change after the inner optimizer stepped (default: none)."""
 
+    def update_masked(self, inputs: StepInputs, weights: Tensor, skip: Tensor) -> None:
+        """`update`, unless ``skip`` (a 0-dim bool tensor on the device) is true.
+
+        Off the CPU a step's skip may be decided on the device (``nonfinite="skip"``); the
+        balancer then calls this instead of `update` for methods that override it, so that
+        committing their state reads nothing on the host. The override must not read
+        ``skip``: write the change through it (``torch.where``). For the other methods with
+        an `update` the balancer reads the flag once and calls `update` if it is false.
+        Not implemented by default.
+        """
+        raise NotImplementedError(f"method {self.name!r} has no update_masked")
+
     def end_epoch(self) -> None:
         """Hook: an epoch of training ended (``GradBalancer.end_epoch`` calls it).
 

@@ -26,7 +26,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
-SYNC_FREE = ["equal", "uncertainty", "mgda", "mgda-ub", "upgrad"]
+SYNC_FREE = ["equal", "uncertainty", "mgda", "mgda-ub", "upgrad", "dwa"]
 #: the balancing part replays in a CUDA graph (IMTL-G's pinv checks eigh's flag on the host)
 GRAPHED = [m for m in CAPTURABLE if m != "imtl-g"]
 

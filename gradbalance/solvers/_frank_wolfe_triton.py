@@ -17,20 +17,9 @@ Not yet compiled or run on a GPU.
 
 from __future__ import annotations
 
-try:  # Triton is optional: without it this module still imports, and the kernel is never built
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the environment
-    triton = None
-    tl = None
+from gradbalance.solvers._triton import jitted, tl
 
-__all__ = ["available", "get_kernel"]
-
-_KERNELS: dict = {}
-
-
-def available() -> bool:
-    return triton is not None
+__all__ = ["get_kernel"]
 
 
 def _frank_wolfe_kernel(g_ptr, p_ptr, w_ptr, it_ptr, gap_ptr, K, max_iter, KP: tl.constexpr):
@@ -95,7 +84,4 @@ def _frank_wolfe_kernel(g_ptr, p_ptr, w_ptr, it_ptr, gap_ptr, K, max_iter, KP: t
 
 def get_kernel():
     """The jitted kernel, built for the current ``TRITON_INTERPRET`` setting (cached)."""
-    interpret = bool(triton.knobs.runtime.interpret)
-    if interpret not in _KERNELS:
-        _KERNELS[interpret] = triton.jit(_frank_wolfe_kernel)
-    return _KERNELS[interpret]
+    return jitted(_frank_wolfe_kernel)

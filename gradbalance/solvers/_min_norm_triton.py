@@ -30,20 +30,9 @@ only call jitted helpers, see `gradbalance.solvers._frank_wolfe_triton`).
 
 from __future__ import annotations
 
-try:  # Triton is optional: without it this module still imports, and the kernel is never built
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the environment
-    triton = None
-    tl = None
+from gradbalance.solvers._triton import jitted, tl
 
-__all__ = ["available", "get_kernel"]
-
-_KERNELS: dict = {}
-
-
-def available() -> bool:
-    return triton is not None
+__all__ = ["get_kernel"]
 
 
 def _exact_kernel(
@@ -182,7 +171,4 @@ def _exact_kernel(
 
 def get_kernel():
     """The jitted kernel, built for the current ``TRITON_INTERPRET`` setting (cached)."""
-    interpret = bool(triton.knobs.runtime.interpret)
-    if interpret not in _KERNELS:
-        _KERNELS[interpret] = triton.jit(_exact_kernel)
-    return _KERNELS[interpret]
+    return jitted(_exact_kernel)

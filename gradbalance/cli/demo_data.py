@@ -12,7 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gradbalance.cli.errors import CommandError
-from gradbalance.cli.recipes import load_multimnist
+from gradbalance.cli.recipes import (
+    QM9_METHOD_KWARGS,
+    QM9_PROTOCOL,
+    QM9_SIZES,
+    load_multimnist,
+)
 from gradbalance.data import QM9, DatasetError
 from gradbalance.data.qm9 import MEV_TARGETS, UNITS
 from gradbalance.models import MultiLeNet, MultiTaskModel
@@ -88,21 +93,18 @@ class QM9Demo(DemoData):
         "nash-mtl",
         "famo",
     )
-    epochs: int = 4
+    # the protocol is `gradbalance train --data qm9`'s (one set of defaults in `recipes`)
+    epochs: int = int(QM9_PROTOCOL["epochs"])
     quick_epochs: int = 1
-    batch_size: int = 32
-    lr: float = 3e-3
+    batch_size: int = int(QM9_PROTOCOL["batch_size"])
+    lr: float = QM9_PROTOCOL["lr"]
     seeds: int = 2
     metric: str = "mae"
-    sizes: dict[str, int] = field(
-        default_factory=lambda: {"train": 4000, "test": 2000, "quick_train": 256, "quick_test": 256}
-    )
-    width: float = 0.5
+    sizes: dict[str, int] = field(default_factory=lambda: dict(QM9_SIZES))
+    width: float = QM9_PROTOCOL["width"]
     normalize: str = "center"
     method_kwargs: dict[str, dict[str, Any]] = field(
-        # the learning rate of the method's own parameters in the papers' QM9 code
-        # (Navon et al.'s ``--method-params-lr``; FAMO's default is the same)
-        default_factory=lambda: {"uncertainty": {"lr": 0.025}}
+        default_factory=lambda: {m: dict(kw) for m, kw in QM9_METHOD_KWARGS.items()}
     )
 
     def load(self, seed: int, quick: bool) -> tuple[Any, Any]:

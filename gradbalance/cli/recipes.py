@@ -42,10 +42,11 @@ DEFAULT_MODELS = {"multimnist": "multilenet", "qm9": "qm9-mpnn"}
 DENSE_PROTOCOL = {"lr": 1e-4, "epochs": 200, "step_size": 100, "gamma": 0.5, "width": None}
 #: ``--data qm9``: the protocol of ``gradbalance demo`` (`gradbalance.cli.demo_data.QM9Demo`).
 QM9_PROTOCOL = {"lr": 3e-3, "epochs": 4, "batch_size": 32, "width": 0.5}
-#: ``--data qm9``: training and test molecules, by default and with ``--quick`` (the demo's).
+#: ``--data qm9``: training and test molecules, by default and with ``--quick`` (the demo's too).
 QM9_SIZES = {"train": 4000, "test": 2000, "quick_train": 256, "quick_test": 256}
-#: ``--data qm9``: method options set by default, as in the demo (uncertainty weighting's
-#: log-variances learn at the papers' ``--method-params-lr``).
+#: ``--data qm9``: method options set by default, as in the demo: uncertainty weighting's
+#: log-variances learn at the papers' QM9 rate for the method's own parameters (Navon et al.'s
+#: ``--method-params-lr``; FAMO's default is the same).
 QM9_METHOD_KWARGS = {"uncertainty": {"lr": 0.025}}
 
 
